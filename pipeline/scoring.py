@@ -1,0 +1,51 @@
+"""PatchCore scores as pure functions on arrays (PatchCore, sec. 3.3)."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+
+def reweighted_image_score(s_star: float, neighbour_distances: np.ndarray) -> float:
+    """Image score s of PatchCore eq. 7.
+
+    ``s_star``: distance of the most anomalous test patch m_test,* to its nearest bank entry m*.
+    ``neighbour_distances``: distances of m_test,* to N_b(m*), the b nearest bank entries of m*
+    (m* itself among them). s = (1 - exp(s*) / sum_j exp(d_j)) * s*; a test patch whose
+    nearest entry sits in a sparse part of the bank is up-weighted. With b = 1 there is no
+    neighbourhood and s = s*.
+    """
+    d = np.asarray(neighbour_distances, dtype=np.float64).ravel()
+    if d.size <= 1:
+        return float(s_star)
+    # exp(s*) / sum exp(d_j) computed as 1 / sum exp(d_j - s*), which cannot overflow.
+    weight = 1.0 - 1.0 / float(np.exp(d - s_star).sum())
+    return float(weight * s_star)
+
+
+def gaussian_kernel_size(sigma: float) -> int:
+    # 4 sigma on each side, odd (scipy's truncate=4.0, anomalib's kernel size).
+    return 2 * int(4.0 * sigma + 0.5) + 1
+
+
+def anomaly_map(patch_scores: np.ndarray, *, stride: int, out_hw: tuple[int, int], sigma: float) -> np.ndarray:
+    """Patch scores (h, w) -> pixel map (H, W) float32.
+
+    Patch (i, j) describes the stride x stride cell at (i * stride, j * stride), so the grid is
+    upsampled bilinearly to (h * stride, w * stride) (cell centres on cell centres), rows and
+    columns the grid does not cover are filled from the nearest cell, and the map is smoothed
+    with a Gaussian of ``sigma`` pixels (PatchCore: sigma = 4).
+    """
+    if patch_scores.ndim != 2 or stride < 1:
+        raise ValueError(f"patch_scores must be 2-D and stride >= 1, got {patch_scores.shape}, {stride}")
+    h, w = patch_scores.shape
+    H, W = out_hw
+    scores = patch_scores.astype(np.float32, copy=False)
+    up = cv2.resize(scores, (w * stride, h * stride), interpolation=cv2.INTER_LINEAR)
+    up = up[:H, :W]
+    if up.shape != (H, W):
+        up = cv2.copyMakeBorder(up, 0, H - up.shape[0], 0, W - up.shape[1], cv2.BORDER_REPLICATE)
+    if sigma > 0:
+        k = gaussian_kernel_size(sigma)
+        up = cv2.GaussianBlur(up, (k, k), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT)
+    return up

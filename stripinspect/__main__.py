@@ -1,0 +1,5 @@
+import sys
+
+from stripinspect.cli import main
+
+sys.exit(main())

@@ -1,0 +1,131 @@
+"""The ``stripinspect`` command: one entry point, one subcommand per job.
+
+Start-up problems exit non-zero with one line on stderr. Offline subcommands (export, fit,
+demo) import torch lazily, so the runtime ones never need it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from pipeline.config import Config, ConfigError, load_config
+from pipeline.errors import StripinspectError
+
+DEFAULT_CONFIG = Path("config.yaml")
+
+
+def _config(path: Path | None) -> Config:
+    if path is None:
+        return load_config(DEFAULT_CONFIG) if DEFAULT_CONFIG.is_file() else Config()
+    return load_config(path)
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    path = args.path if args.path is not None else DEFAULT_CONFIG
+    load_config(path)
+    print(f"{path}: ok")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from export.onnx_export import export_backbone
+
+    cfg = _config(args.config)
+    info = export_backbone(cfg.backbone, args.out, threads=cfg.runtime.onnx_threads)
+    print(
+        f"exported {info.backbone} ({'+'.join(info.layers)}, {info.embedding_dim} dims, stride "
+        f"{info.feature_stride}) to {args.out / 'model.onnx'}; onnxruntime vs torch relative error "
+        f"{info.verified_relative_error:.1e}"
+    )
+    return 0
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from export.fit import fit_bundle
+
+    cfg = _config(args.config)
+    m = fit_bundle(data=args.data, out=args.out, cfg=cfg, model_dir=args.model, progress=not args.quiet)
+    print(
+        f"bundle {args.out}: {m.fitted_on.images} images, {m.coreset.patches_seen} patches -> "
+        f"{m.index.rows} bank rows ({m.features.embedding_dim} dims) in {m.fitted_on.fit_seconds:.1f} s"
+    )
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from calibration.evaluate import evaluate
+
+    cfg = _config(args.config)
+    metrics = evaluate(bundle=args.bundle, data=args.data, out=args.out, cfg=cfg, progress=not args.quiet)
+    print(
+        json.dumps(
+            {k: metrics[k] for k in ("image_auroc", "pixel_auroc", "pixel_aupro", "images", "seconds_per_image")},
+            indent=2,
+        )
+    )
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from stripinspect.demo import run_demo
+
+    cfg = _config(args.config)
+    run_demo(cfg=cfg, out=args.out, progress=not args.quiet)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="stripinspect", description="Steel strip surface inspection (PatchCore).")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("check-config", help="validate a config file")
+    c.add_argument("path", nargs="?", type=Path, default=None, help="config file (default ./config.yaml)")
+    c.set_defaults(func=cmd_check_config)
+
+    def with_config(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--config", type=Path, default=None, help="config file (default ./config.yaml)")
+        sp.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    e = sub.add_parser("export", help="export the configured backbone to ONNX and verify it")
+    with_config(e)
+    e.add_argument("--out", type=Path, required=True, help="folder for model.onnx and model.json")
+    e.set_defaults(func=cmd_export)
+
+    f = sub.add_parser("fit", help="fit a memory bank on a folder of normal images, write a bundle")
+    with_config(f)
+    f.add_argument("--data", type=Path, required=True, help="folder of defect-free images")
+    f.add_argument("--out", type=Path, required=True, help="bundle folder to write")
+    f.add_argument("--model", type=Path, default=None, help="folder from `export` (default: export now)")
+    f.set_defaults(func=cmd_fit)
+
+    v = sub.add_parser("evaluate", help="score an MVTec-layout test set; write metrics, scores, overlays")
+    with_config(v)
+    v.add_argument("--bundle", type=Path, required=True)
+    v.add_argument("--data", type=Path, required=True, help="folder with test/ and ground_truth/")
+    v.add_argument("--out", type=Path, required=True, help="metrics.json path; scores.csv and overlays/ beside it")
+    v.set_defaults(func=cmd_evaluate)
+
+    d = sub.add_parser("demo", help="synthetic strip end to end: export, fit, score frames with defects")
+    with_config(d)
+    d.add_argument("--out", type=Path, default=Path("demo_out"))
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    except StripinspectError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""Shared fixtures: a real exported EfficientNet-Lite0, a synthetic strip dataset, a bundle.
+
+Everything is real (onnxruntime, faiss, files in tmp dirs); nothing is faked.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import Config, SyntheticConfig
+
+REPO = Path(__file__).resolve().parent.parent
+BSDATA = REPO.parent / "shared" / "datasets" / "bsdata"
+
+SMALL_SYNTHETIC = SyntheticConfig(width=256, frame_lines=128, seed=3, train_frames=10, test_frames=6)
+
+
+def small_config() -> Config:
+    return Config(synthetic=SMALL_SYNTHETIC)
+
+
+@pytest.fixture(scope="session")
+def effnet_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from export.onnx_export import export_backbone
+
+    out = tmp_path_factory.mktemp("effnet")
+    export_backbone(small_config().backbone, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def synthetic_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from stripinspect.demo import write_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("synthetic")
+    write_synthetic_dataset(small_config(), root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def synthetic_bundle(tmp_path_factory: pytest.TempPathFactory, synthetic_dataset: Path, effnet_model_dir: Path) -> Path:
+    from export.fit import fit_bundle
+
+    out = tmp_path_factory.mktemp("bundle")
+    fit_bundle(
+        data=synthetic_dataset / "train" / "good",
+        out=out,
+        cfg=small_config(),
+        model_dir=effnet_model_dir,
+        progress=False,
+    )
+    return out

@@ -1,0 +1,51 @@
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from export.fit import FitError, fit_bundle
+from pipeline.bundle import read_manifest
+from pipeline.config import Config, CoresetConfig, FitConfig
+from pipeline.patchcore import PatchCoreScorer
+from tests.conftest import small_config
+
+
+def test_fit_ratio_and_budget(synthetic_dataset: Path, effnet_model_dir: Path, tmp_path: Path) -> None:
+    base = small_config()
+    cfg = Config(synthetic=base.synthetic, fit=FitConfig(coreset=CoresetConfig(ratio=0.05, max_rows=100)))
+    m = fit_bundle(
+        data=synthetic_dataset / "train/good", out=tmp_path / "b", cfg=cfg, model_dir=effnet_model_dir, progress=False
+    )
+    assert m.index.rows == 100 and m.coreset.max_rows == 100
+    # 10 frames of 128 x 256 at stride 8 = 10 * 16 * 32 patches.
+    assert m.coreset.patches_seen == 10 * 16 * 32
+    assert m.fitted_on.image_sizes == [(128, 256)]
+    assert read_manifest(tmp_path / "b") == m
+
+
+def test_fit_at_half_scale_scores_at_full_size(synthetic_dataset: Path, effnet_model_dir: Path, tmp_path: Path) -> None:
+    cfg = Config(fit=FitConfig(scale=0.5))
+    m = fit_bundle(
+        data=synthetic_dataset / "train/good", out=tmp_path / "b", cfg=cfg, model_dir=effnet_model_dir, progress=False
+    )
+    assert m.input.scale == 0.5 and m.coreset.patches_seen == 10 * 8 * 16
+    scorer = PatchCoreScorer.open(tmp_path / "b", runtime=cfg.runtime, scoring=cfg.scoring)
+    result = scorer.score(np.full((128, 256), 120, np.uint8))
+    assert result.anomaly_map.shape == (128, 256) and result.patch_scores.shape == (8, 16)
+
+
+def test_fit_refuses_bad_folders(tmp_path: Path, effnet_model_dir: Path) -> None:
+    with pytest.raises(FitError, match="no images"):
+        fit_bundle(data=tmp_path, out=tmp_path / "b", cfg=Config(), model_dir=effnet_model_dir, progress=False)
+    cv2.imwrite(str(tmp_path / "a.png"), np.zeros((64, 64), np.uint8))
+    cv2.imwrite(str(tmp_path / "b.png"), np.zeros((64, 64, 3), np.uint8) + 1)
+    with pytest.raises(FitError, match="3 channels, the first image has 1"):
+        fit_bundle(data=tmp_path, out=tmp_path / "o", cfg=Config(), model_dir=effnet_model_dir, progress=False)
+    (tmp_path / "b.png").unlink()
+    (tmp_path / "c.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    with pytest.raises(FitError, match="c.png: not a decodable image"):
+        fit_bundle(data=tmp_path, out=tmp_path / "o", cfg=Config(), model_dir=effnet_model_dir, progress=False)
+    with pytest.raises(FitError, match="run `stripinspect export` first"):
+        (tmp_path / "c.png").unlink()
+        fit_bundle(data=tmp_path, out=tmp_path / "o", cfg=Config(), model_dir=tmp_path / "nomodel", progress=False)

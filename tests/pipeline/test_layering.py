@@ -1,0 +1,38 @@
+"""pipeline/ is the runtime: it must never import torch, export/ or calibration/."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import REPO
+
+FORBIDDEN = ("torch", "export", "calibration", "torchvision", "efficientnet_lite_pytorch")
+
+
+def test_pipeline_sources_do_not_import_offline_packages() -> None:
+    offenders = []
+    for path in sorted((REPO / "pipeline").rglob("*.py")):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] in FORBIDDEN]
+    assert offenders == []
+
+
+def test_importing_every_pipeline_module_loads_no_torch() -> None:
+    modules = [f"pipeline.{p.stem}" for p in sorted((REPO / "pipeline").glob("*.py")) if p.stem != "__init__"]
+    code = (
+        "import importlib, sys\n"
+        f"for m in {modules!r}: importlib.import_module(m)\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'export', 'calibration')]\n"
+        "print(','.join(bad))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+    assert len(modules) >= 8
+    assert Path(REPO / "pipeline" / "patchcore.py").is_file()
