@@ -92,6 +92,11 @@ class PatchCoreScorer:
         height, width = image.shape[:2]
         pixels = resize_for_model(image, self.scale)
         feats = self.embedder.embed(pixels[None])[0]
+        return self.score_features(feats, model_hw=pixels.shape[:2], out_hw=(height, width))
+
+    def score_features(self, feats: np.ndarray, *, model_hw: tuple[int, int], out_hw: tuple[int, int]) -> ImageScore:
+        """Patch features (h, w, D) of an image of ``model_hw`` pixels -> scores at ``out_hw``."""
+        height, width = out_hw
         gh, gw, dim = feats.shape
         flat = feats.reshape(-1, dim)
         dist, ids = self.index.search(flat, 1)
@@ -103,12 +108,10 @@ class PatchCoreScorer:
         _, nb = self.index.search(m_star[None], self.num_neighbors)
         neighbour_d = np.linalg.norm(self.index.vectors[nb[0]] - flat[worst], axis=1)
         score = reweighted_image_score(s_star, neighbour_d)
-        amap_scaled = anomaly_map(
-            patch, stride=self.stride, out_hw=pixels.shape[:2], sigma=self.scoring.sigma * self.scale
-        )
+        amap_scaled = anomaly_map(patch, stride=self.stride, out_hw=model_hw, sigma=self.scoring.sigma * self.scale)
         amap = (
             amap_scaled
-            if pixels.shape[:2] == (height, width)
+            if model_hw == (height, width)
             else cv2.resize(amap_scaled, (width, height), interpolation=cv2.INTER_LINEAR)
         )
         return ImageScore(score=score, patch_scores=patch, anomaly_map=amap)

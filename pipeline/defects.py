@@ -1,0 +1,51 @@
+"""Score map -> defects: threshold, connected components, strip coordinates (pure)."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from pipeline.messages import Defect, Frame
+
+
+def extract_defects(
+    score_map: np.ndarray,
+    *,
+    frame: Frame,
+    threshold: float,
+    min_area_px: int,
+    mm_per_px: float,
+    mm_per_line: float,
+    strip_left_px: float = 0.0,
+) -> list[Defect]:
+    """Regions of ``score_map`` (lines, width) above ``threshold`` whose centre lies in the
+    frame's valid rows; a region in the overlap belongs to the neighbour that owns its centre,
+    so each defect is reported once."""
+    if score_map.ndim != 2 or score_map.shape[0] != frame.pixels.shape[0]:
+        raise ValueError(f"score map {score_map.shape} does not match frame {frame.pixels.shape}")
+    hot = (score_map > threshold).astype(np.uint8)
+    n, labels, stats, centroids = cv2.connectedComponentsWithStats(hot, connectivity=8)
+    out = []
+    for k in range(1, n):
+        x, y, w, h, area = (int(v) for v in stats[k])
+        cx, cy = float(centroids[k][0]), float(centroids[k][1])
+        if area < min_area_px or not frame.valid_from <= cy < frame.valid_to:
+            continue
+        region = labels[y : y + h, x : x + w] == k
+        scores = score_map[y : y + h, x : x + w][region]
+        out.append(
+            Defect(
+                frame_id=frame.frame_id,
+                box=(x, y, w, h),
+                area_px=area,
+                max_score=float(scores.max()),
+                mean_score=float(scores.mean()),
+                threshold=float(threshold),
+                md_m=frame.md_m + cy * mm_per_line / 1000.0,
+                cd_mm=(cx - strip_left_px) * mm_per_px,
+                length_mm=h * mm_per_line,
+                width_mm=w * mm_per_px,
+                area_mm2=area * mm_per_px * mm_per_line,
+            )
+        )
+    return out
