@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pipeline.errors import StripinspectError
 
@@ -144,6 +144,70 @@ class SyntheticConfig(_Section):
     test_frames: int = Field(default=6, ge=1, le=100_000, description="Frames with planted defects.")
 
 
+class SourceConfig(_Section):
+    """Where line blocks come from."""
+
+    kind: Literal["synthetic", "folder"] = Field(default="synthetic", description="Frame source.")
+    block_lines: int = Field(default=128, ge=1, le=65536, description="Lines per block the camera delivers.")
+    line_rate_hz: float | None = Field(
+        default=None,
+        gt=0,
+        le=1_000_000,
+        description="Pace the synthetic camera at this line rate; None = as fast as possible.",
+    )
+    strip_lines: int | None = Field(
+        default=None, ge=1, description="Stop after this many lines (synthetic); None streams until stopped."
+    )
+    first_line: int = Field(default=0, ge=0, description="Strip line of the first block (synthetic).")
+    defects_per_100_frames: float = Field(
+        default=0.0, ge=0, le=10_000, description="Synthetic defects planted per 100 frames' worth of lines."
+    )
+    folder: Path | None = Field(default=None, description="Images replayed in name order (kind: folder).")
+
+
+class DaemonConfig(_Section):
+    """The inspection daemon: frames, geometry, thresholds, sockets."""
+
+    bundle: Path = Field(default=Path("bundles/strip"), description="Bundle folder to load.")
+    camera_id: str = Field(default="cam0", min_length=1, max_length=64, description="Camera id in every message.")
+    source: SourceConfig = Field(default_factory=SourceConfig, description="Frame source.")
+    frame_lines: int = Field(default=1024, ge=32, le=65536, description="Lines per frame (multiple of 16).")
+    overlap_lines: int = Field(
+        default=384,
+        ge=0,
+        le=65536,
+        description="Lines shared by consecutive frames: twice the backbone's "
+        "receptive radius (176 px for EfficientNet-Lite0) plus the smoothing reach, for seam-free maps.",
+    )
+    tile: int | None = Field(
+        default=None, ge=64, le=65536, description="Tile side for wide frames; None = whole frame."
+    )
+    tile_margin: int = Field(default=176, ge=0, le=4096, description="Kept features are this far from tile seams.")
+    mm_per_px: float = Field(default=0.5, gt=0, le=100, description="Across the strip (CD), mm per pixel.")
+    mm_per_line: float = Field(default=0.5, gt=0, le=100, description="Along the strip (MD), mm per line.")
+    threshold: float = Field(default=10.0, gt=0, description="Pixel score above which a pixel is defective.")
+    min_area_px: int = Field(default=16, ge=1, description="Smallest defect, in pixels.")
+    queue_frames: int = Field(default=4, ge=1, le=1024, description="Frames waiting for scoring before drops.")
+    queue_results: int = Field(default=64, ge=1, le=65536, description="Scored frames waiting for publishing.")
+    pub_endpoint: str = Field(
+        default="tcp://127.0.0.1:5555", description="ZeroMQ PUB endpoint (alerts, frames, heartbeat)."
+    )
+    control_endpoint: str = Field(default="tcp://127.0.0.1:5556", description="ZeroMQ REP control endpoint.")
+    send_hwm: int = Field(default=10_000, ge=1, description="PUB high-water mark (messages per subscriber).")
+    heartbeat_s: float = Field(default=1.0, gt=0, le=60, description="Heartbeat period.")
+
+    @model_validator(mode="after")
+    def _frame_geometry(self) -> DaemonConfig:
+        # Frames start on the 16-line grid of the backbone's coarsest stride so that a frame's
+        # features are exactly the strip's features there.
+        if self.frame_lines % 16 or self.overlap_lines % 16 or self.overlap_lines >= self.frame_lines:
+            raise ValueError(
+                f"frame_lines ({self.frame_lines}) and overlap_lines ({self.overlap_lines}) must be multiples "
+                "of 16 with overlap_lines < frame_lines"
+            )
+        return self
+
+
 class Config(_Section):
     """Root of config.yaml."""
 
@@ -152,6 +216,7 @@ class Config(_Section):
     scoring: ScoringConfig = Field(default_factory=ScoringConfig, description="Scores and maps.")
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig, description="Library threads.")
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig, description="Synthetic strip.")
+    daemon: DaemonConfig = Field(default_factory=DaemonConfig, description="The inspection daemon.")
 
 
 class ConfigError(StripinspectError):

@@ -130,7 +130,7 @@ class SyntheticStrip:
         return np.clip(np.rint(img), 0, 255).astype(np.uint8), mask > 0
 
 
-_DELTA = {"scratch": -45.0, "pit": -60.0, "scale": -35.0, "hole": math.nan, "edge_crack": math.nan, "roll_mark": -28.0}
+_DELTA = {"scratch": -55.0, "pit": -75.0, "scale": -35.0, "hole": math.nan, "edge_crack": math.nan, "roll_mark": -28.0}
 
 
 def _reach(d: PlantedDefect) -> int:
@@ -164,7 +164,7 @@ def _draw(strip: SyntheticStrip, d: PlantedDefect, reach: int) -> np.ndarray:
             (round(x - dx / 2), round(y - dy / 2)),
             (round(x + dx / 2), round(y + dy / 2)),
             1,
-            thickness=int(rng.integers(1, 3)),
+            thickness=int(rng.integers(2, 4)),
         )
     elif d.kind == "pit":
         axes = (max(1, s // 2), max(1, int(s * rng.uniform(0.5, 0.9)) // 2))
@@ -199,16 +199,24 @@ def random_defects(
     width: int,
     count: int,
     kinds: Sequence[DefectKind] = DEFECT_KINDS,
+    avoid: Sequence[PlantedDefect] = (),
+    min_gap: int = 80,
 ) -> list[PlantedDefect]:
-    """``count`` defects of the given kinds placed inside the window, away from its borders."""
-    out = []
+    """``count`` defects of the given kinds placed inside the window, away from its borders and
+    at least ``min_gap`` pixels (plus their sizes) from each other and from ``avoid``, so that
+    each one is a separate region with its own ground truth. Fewer come back when the window
+    has no room left."""
+    out: list[PlantedDefect] = []
     margin = max(24, width // 12)
     for i in range(count):
         kind = kinds[i % len(kinds)]
-        size = {"scratch": 60, "pit": 8, "scale": 36, "hole": 14, "edge_crack": 30, "roll_mark": 14}[kind]
-        line = int(rng.integers(first_line + 32, first_line + max(33, lines - 32)))
-        col = int(rng.integers(margin, width - margin))
-        if kind == "edge_crack":
-            col = margin if rng.random() < 0.5 else width - margin
-        out.append(PlantedDefect(kind=kind, line=line, col=col, size=size, seed=int(rng.integers(1 << 30))))
+        size = {"scratch": 60, "pit": 10, "scale": 36, "hole": 14, "edge_crack": 30, "roll_mark": 14}[kind]
+        for _ in range(50):
+            line = int(rng.integers(first_line + 32, first_line + max(33, lines - 32)))
+            col = int(rng.integers(margin, width - margin))
+            if kind == "edge_crack":
+                col = margin if rng.random() < 0.5 else width - margin
+            if all(max(abs(line - o.line), abs(col - o.col)) >= min_gap + (size + o.size) // 2 for o in (*avoid, *out)):
+                out.append(PlantedDefect(kind=kind, line=line, col=col, size=size, seed=int(rng.integers(1 << 30))))
+                break
     return out

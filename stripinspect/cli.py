@@ -77,6 +77,57 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    import logging
+    import signal
+
+    from pipeline.daemon import Daemon
+    from pipeline.sources import FolderSource, Source, SyntheticSource
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = _config(args.config)
+    d = cfg.daemon
+    source: Source
+    if d.source.kind == "folder":
+        if d.source.folder is None:
+            raise ConfigError("daemon.source.folder is required for kind: folder")
+        source = FolderSource(folder=d.source.folder, channels=1)
+    else:
+        source = SyntheticSource(
+            cfg=d.source, width=cfg.synthetic.width, seed=cfg.synthetic.seed, frame_lines=d.frame_lines
+        )
+    daemon = Daemon(cfg=d, runtime=cfg.runtime, scoring=cfg.scoring, source=source)
+    signal.signal(signal.SIGTERM, lambda *_: daemon.stop())
+    signal.signal(signal.SIGINT, lambda *_: daemon.stop())
+    signal.signal(signal.SIGHUP, lambda *_: daemon._command("reload", {}))
+    logging.getLogger("stripinspect").info(
+        "running: PUB %s, control %s", daemon.publisher.endpoint, daemon.control_endpoint
+    )
+    daemon.run_until_done()
+    print(json.dumps(daemon.stats.snapshot(), indent=2))
+    return 1 if daemon.failed is not None else 0
+
+
+def cmd_listen(args: argparse.Namespace) -> int:
+    from pipeline.listen import deadline, json_line, listen
+
+    out = open(args.out, "a", encoding="utf-8") if args.out else sys.stdout  # noqa: SIM115
+    try:
+        report = listen(
+            endpoint=args.endpoint,
+            topics=tuple(args.topics),
+            on_message=lambda t, h: print(json_line(t, h), file=out, flush=True),
+            stop=deadline(args.seconds),
+        )
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    for topic, want, got in report.gaps:
+        print(f"gap on {topic}: expected seq {want}, got {got}", file=sys.stderr)
+    print(f"received {report.received}, {len(report.gaps)} gap(s)", file=sys.stderr)
+    return 0 if not report.gaps else 3
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="stripinspect", description="Steel strip surface inspection (PatchCore).")
     sub = p.add_subparsers(dest="command", required=True)
@@ -107,6 +158,17 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--data", type=Path, required=True, help="folder with test/ and ground_truth/")
     v.add_argument("--out", type=Path, required=True, help="metrics.json path; scores.csv and overlays/ beside it")
     v.set_defaults(func=cmd_evaluate)
+
+    r = sub.add_parser("run", help="run the inspection daemon")
+    with_config(r)
+    r.set_defaults(func=cmd_run)
+
+    li = sub.add_parser("listen", help="print alerts from a running daemon as JSON lines; report sequence gaps")
+    li.add_argument("endpoint", help="the daemon's PUB endpoint, e.g. tcp://127.0.0.1:5555")
+    li.add_argument("--topics", nargs="+", default=["alert"], choices=["alert", "frame", "heartbeat"])
+    li.add_argument("--out", type=Path, default=None, help="append JSON lines to this file")
+    li.add_argument("--seconds", type=float, default=None, help="stop after this long")
+    li.set_defaults(func=cmd_listen)
 
     d = sub.add_parser("demo", help="synthetic strip end to end: export, fit, score frames with defects")
     with_config(d)

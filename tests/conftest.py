@@ -52,3 +52,21 @@ def synthetic_bundle(tmp_path_factory: pytest.TempPathFactory, synthetic_dataset
         progress=False,
     )
     return out
+
+
+STRIP_SYNTHETIC = SyntheticConfig(width=256, frame_lines=256, seed=3, train_frames=40, test_frames=6)
+
+
+@pytest.fixture(scope="session")
+def strip_bundle(tmp_path_factory: pytest.TempPathFactory, effnet_model_dir: Path) -> Path:
+    """A bank fitted on 10,240 lines of normal strip, for the daemon tests."""
+    from export.fit import fit_bundle
+    from stripinspect.demo import write_synthetic_dataset
+
+    cfg = Config(synthetic=STRIP_SYNTHETIC)
+    root = tmp_path_factory.mktemp("strip")
+    write_synthetic_dataset(cfg, root / "data")
+    fit_bundle(
+        data=root / "data" / "train" / "good", out=root / "bundle", cfg=cfg, model_dir=effnet_model_dir, progress=False
+    )
+    return root / "bundle"

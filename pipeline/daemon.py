@@ -1,0 +1,376 @@
+"""The inspection daemon: the one place where stages, queues, threads and sockets are wired.
+
+acquire -> (frames queue) -> score: preprocess, embed, kNN, map, defects -> (results queue)
+-> publish. The camera thread never waits for scoring: a full queue drops the frame and counts
+it by stage and reason. Every loop checks the stop event and waits with a timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zmq
+
+from pipeline.config import DaemonConfig, RuntimeConfig, ScoringConfig
+from pipeline.defects import extract_defects
+from pipeline.errors import StripinspectError
+from pipeline.framescore import FrameScorer
+from pipeline.linescan import LineAssembler
+from pipeline.messages import Defect, Frame
+from pipeline.patchcore import PatchCoreScorer
+from pipeline.publish import Publisher
+from pipeline.sources import Source
+
+log = logging.getLogger("stripinspect.daemon")
+
+STAGES = ("acquire", "preprocess", "embed", "knn_map", "defects", "publish", "end_to_end")
+_END = object()
+
+
+@dataclass(frozen=True)
+class Scored:
+    """A frame after scoring: its defects, summary numbers and per-stage seconds."""
+
+    frame: Frame
+    defects: list[Defect]
+    max_score: float
+    seconds: dict[str, float]
+
+
+@dataclass
+class Stats:
+    """Counters and latency windows; written by the stage threads under one lock."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    counts: Counter[str] = field(default_factory=Counter)
+    drops: Counter[tuple[str, str]] = field(default_factory=Counter)
+    latency: dict[str, deque[float]] = field(default_factory=lambda: {s: deque(maxlen=2048) for s in STAGES})
+
+    def count(self, name: str, n: int = 1) -> None:
+        with self.lock:
+            self.counts[name] += n
+
+    def drop(self, stage: str, reason: str) -> None:
+        with self.lock:
+            self.drops[(stage, reason)] += 1
+
+    def time(self, seconds: dict[str, float]) -> None:
+        with self.lock:
+            for k, v in seconds.items():
+                self.latency[k].append(v)
+
+    def snapshot(self) -> dict[str, Any]:
+        with self.lock:
+            lat = {
+                k: {f"p{q}": float(np.percentile(list(v), q)) for q in (50, 95, 99)}
+                for k, v in self.latency.items()
+                if v
+            }
+            return {
+                "counts": dict(self.counts),
+                "drops": {f"{s}:{r}": n for (s, r), n in self.drops.items()},
+                "latency_seconds": lat,
+            }
+
+
+class Daemon:
+    """Construct, ``start()``, then ``stop()`` and ``join()``; or ``run_until_done()``."""
+
+    def __init__(
+        self,
+        *,
+        cfg: DaemonConfig,
+        runtime: RuntimeConfig,
+        scoring: ScoringConfig,
+        source: Source,
+        context: zmq.Context | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.runtime = runtime
+        self.scoring = scoring
+        self.source = source
+        self.stats = Stats()
+        self.stop_event = threading.Event()
+        self.eof = threading.Event()  # acquisition has ended
+        self.scoring_done = threading.Event()
+        self._acquire_go = threading.Event()
+        self._context = context or zmq.Context.instance()
+        self.frame_scorer = self._load(cfg.bundle)
+        if self.frame_scorer.scorer.channels != source.channels:
+            raise StripinspectError(
+                f"camera delivers {source.channels} channel(s), bundle {cfg.bundle} was fitted on "
+                f"{self.frame_scorer.scorer.channels}"
+            )
+        self._pending: FrameScorer | None = None
+        self._swap_lock = threading.Lock()
+        self.assembler = LineAssembler(
+            width=source.width,
+            channels=source.channels,
+            lines=cfg.frame_lines,
+            overlap=cfg.overlap_lines,
+            mm_per_line=cfg.mm_per_line,
+            camera_id=cfg.camera_id,
+        )
+        if source.width % 16:
+            raise StripinspectError(f"camera width {source.width} must be a multiple of 16")
+        self.frames: queue.Queue[Any] = queue.Queue(maxsize=cfg.queue_frames)
+        self.results: queue.Queue[Any] = queue.Queue(maxsize=cfg.queue_results)
+        self.publisher = Publisher(
+            context=self._context, endpoint=cfg.pub_endpoint, camera_id=cfg.camera_id, send_hwm=cfg.send_hwm
+        )
+        self._control = self._context.socket(zmq.REP)
+        self._control.setsockopt(zmq.LINGER, 0)
+        try:
+            self._control.bind(cfg.control_endpoint)
+        except zmq.ZMQError as err:
+            self.publisher.close()
+            self._control.close(0)
+            raise StripinspectError(f"cannot bind control {cfg.control_endpoint}: {err}") from None
+        self.control_endpoint = self._control.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._threads: list[threading.Thread] = []
+        self.state = "starting"
+        self.failed: BaseException | None = None
+
+    def _load(self, bundle: Path) -> FrameScorer:
+        scorer = PatchCoreScorer.open(bundle, runtime=self.runtime, scoring=self.scoring)
+        try:
+            return FrameScorer(scorer=scorer, tile=self.cfg.tile, margin=self.cfg.tile_margin)
+        except ValueError as err:
+            raise StripinspectError(f"{bundle}: {err}") from None
+
+    # --- threads ------------------------------------------------------------------------
+
+    def start(self, *, acquire: bool = True) -> None:
+        for name, target in (
+            ("publish", self._publish_loop),
+            ("score", self._score_loop),
+            ("control", self._control_loop),
+            ("acquire", self._acquire_loop),
+        ):
+            t = threading.Thread(target=self._guard(target), name=f"stripinspect-{name}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        if acquire:
+            self.start_acquisition()
+
+    def start_acquisition(self) -> None:
+        self.state = "running"
+        self._acquire_go.set()
+
+    def _guard(self, target: Any) -> Any:
+        def run() -> None:
+            try:
+                target()
+            except Exception as err:
+                # A crashed stage must not leave a half-alive daemon: stop everything, and the
+                # process exits non-zero so that systemd restarts it.
+                log.exception("stage %s crashed", threading.current_thread().name)
+                self.failed = err
+                self.stop_event.set()
+
+        return run
+
+    def _acquire_loop(self) -> None:
+        try:
+            self._acquire()
+        finally:
+            self.eof.set()
+            self.frames.put(_END)
+
+    def _acquire(self) -> None:
+        while not self.stop_event.is_set() and not self._acquire_go.wait(0.1):
+            pass
+        while not self.stop_event.is_set():
+            t0 = time.perf_counter()
+            try:
+                block = self.source.read(timeout=0.2)
+            except EOFError:
+                break
+            if block is None:
+                continue
+            try:
+                frames = self.assembler.push(block)
+            except ValueError as err:
+                self.stats.drop("acquire", "bad_block")
+                log.warning("bad line block skipped: %s", err)
+                self.assembler.reset()
+                continue
+            self.stats.count("lines_total", block.pixels.shape[0])
+            for f in frames:
+                self.stats.count("frames_total")
+                self.stats.time({"acquire": time.perf_counter() - t0})
+                try:
+                    self.frames.put_nowait(f)
+                except queue.Full:
+                    self.stats.drop("score", "queue_full")
+
+    def _score_loop(self) -> None:
+        try:
+            self._score_frames()
+        finally:
+            self.scoring_done.set()
+            self.results.put(_END)
+
+    def _score_frames(self) -> None:
+        # Drains: stops at the end marker, which acquisition queues after its last frame.
+        while True:
+            try:
+                item = self.frames.get(timeout=0.2)
+            except queue.Empty:
+                if self.eof.is_set() and self.frames.empty():
+                    break
+                continue
+            if item is _END:
+                break
+            with self._swap_lock:
+                if self._pending is not None:
+                    # Swapped between frames: no frame is scored half by each model.
+                    self.frame_scorer, self._pending = self._pending, None
+            scored = self._score(item)
+            if scored is None:
+                continue
+            try:
+                self.results.put_nowait(scored)
+            except queue.Full:
+                self.stats.drop("publish", "queue_full")
+
+    def _score(self, frame: Frame) -> Scored | None:
+        fs = self.frame_scorer
+        t0 = time.perf_counter()
+        pixels = frame.pixels  # flat-field and scale come with calibration (identity until then)
+        t1 = time.perf_counter()
+        try:
+            feats = fs.features(pixels)
+            t2 = time.perf_counter()
+            result = fs.scorer.score_features(feats, model_hw=pixels.shape[:2], out_hw=pixels.shape[:2])
+        except ValueError as err:
+            self.stats.drop("score", "bad_frame")
+            log.warning("frame %d skipped: %s", frame.frame_id, err)
+            return None
+        t3 = time.perf_counter()
+        defects = extract_defects(
+            result.anomaly_map,
+            frame=frame,
+            threshold=self.cfg.threshold,
+            min_area_px=self.cfg.min_area_px,
+            mm_per_px=self.cfg.mm_per_px,
+            mm_per_line=self.cfg.mm_per_line,
+        )
+        t4 = time.perf_counter()
+        valid = result.anomaly_map[frame.valid_from : frame.valid_to]
+        self.stats.count("frames_scored_total")
+        return Scored(
+            frame=frame,
+            defects=defects,
+            max_score=float(valid.max()),
+            seconds={"preprocess": t1 - t0, "embed": t2 - t1, "knn_map": t3 - t2, "defects": t4 - t3},
+        )
+
+    def _publish_loop(self) -> None:
+        next_beat = time.monotonic()
+        while True:
+            now = time.monotonic()
+            if now >= next_beat:
+                self._heartbeat()
+                next_beat = now + self.cfg.heartbeat_s
+            try:
+                item = self.results.get(timeout=min(0.2, max(0.0, next_beat - now)))
+            except queue.Empty:
+                if self.scoring_done.is_set() and self.results.empty():
+                    break
+                continue
+            if item is _END:
+                break
+            t0 = time.perf_counter()
+            f = item.frame
+            for d in item.defects:
+                self.publisher.alert(f, d)
+            self.publisher.send(
+                "frame",
+                {
+                    "frame_id": f.frame_id,
+                    "capture_time": f.capture_time,
+                    "first_line": f.first_line,
+                    "md_m": f.md_m,
+                    "lines": int(f.pixels.shape[0]),
+                    "valid_rows": [f.valid_from, f.valid_to],
+                    "max_score": item.max_score,
+                    "defects": len(item.defects),
+                    "threshold": self.cfg.threshold,
+                },
+            )
+            self.stats.count("alerts_total", len(item.defects))
+            secs = dict(item.seconds)
+            secs["publish"] = time.perf_counter() - t0
+            secs["end_to_end"] = time.time() - f.capture_time
+            self.stats.time(secs)
+        self.state = "stopped"
+        self._heartbeat()
+
+    def _heartbeat(self) -> None:
+        snap = self.stats.snapshot()
+        self.publisher.send("heartbeat", {"state": self.state, "frame_id": None, **snap})
+
+    def _control_loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._control, zmq.POLLIN)
+        while not self.stop_event.is_set():
+            if not poller.poll(200):
+                continue
+            raw = self._control.recv()
+            try:
+                req = json.loads(raw)
+                cmd = req.get("cmd") if isinstance(req, dict) else None
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                cmd, req = None, {}
+            self._control.send_json(self._command(cmd, req))
+
+    def _command(self, cmd: Any, req: dict[str, Any]) -> dict[str, Any]:
+        if cmd == "status":
+            return {"ok": True, "state": self.state, **self.stats.snapshot()}
+        if cmd == "stop":
+            self.stop_event.set()
+            return {"ok": True, "state": "stopping"}
+        if cmd == "reload":
+            bundle = Path(req.get("bundle") or self.cfg.bundle)
+            try:
+                new = self._load(bundle)
+            except StripinspectError as err:
+                # The old model keeps running.
+                return {"ok": False, "error": str(err)}
+            with self._swap_lock:
+                self._pending = new
+            return {"ok": True, "bundle": str(bundle)}
+        return {"ok": False, "error": f"unknown command {cmd!r}; known: status, reload, stop"}
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Stop acquiring; frames already acquired are scored and published (drained)."""
+        self.stop_event.set()
+
+    def join(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        for t in reversed(self._threads):
+            t.join(max(0.0, deadline - time.monotonic()))
+        self.publisher.close()
+        self._control.close(0)
+        self.source.close()
+
+    def run_until_done(self) -> None:
+        """Until the source ends or ``stop``; then drain and close."""
+        self.start()
+        publish = self._threads[0]
+        while publish.is_alive() and not self.stop_event.wait(0.1):
+            pass
+        self.stop()
+        self.join()

@@ -1,0 +1,69 @@
+"""ZeroMQ messages out: topic, JSON header, optional binary parts.
+
+Every header carries the schema version, a per-topic sequence number with no gaps, the camera
+id, the frame id, and capture and publish timestamps (PUB/SUB drops at the high-water mark, so
+a subscriber must be able to see what it missed: zguide ch. 5).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from typing import Any
+
+import zmq
+
+from pipeline.messages import Defect, Frame
+
+SCHEMA_VERSION = 1
+TOPICS = ("alert", "frame", "heartbeat")
+
+
+def decode(parts: list[bytes]) -> tuple[str, dict[str, Any], list[bytes]]:
+    """(topic, header, binary parts) of a received multipart message."""
+    if len(parts) < 2:
+        raise ValueError(f"message has {len(parts)} parts, expected topic and header")
+    return parts[0].decode("ascii"), json.loads(parts[1]), parts[2:]
+
+
+class Publisher:
+    """Owns the PUB socket; used from one thread only (ZeroMQ sockets are not thread-safe)."""
+
+    def __init__(self, *, context: zmq.Context, endpoint: str, camera_id: str, send_hwm: int) -> None:
+        self.camera_id = camera_id
+        self._sock = context.socket(zmq.PUB)
+        self._sock.setsockopt(zmq.SNDHWM, send_hwm)
+        self._sock.setsockopt(zmq.LINGER, 1000)
+        try:
+            self._sock.bind(endpoint)
+        except zmq.ZMQError as err:
+            self._sock.close(0)
+            raise OSError(f"cannot bind PUB {endpoint}: {err}") from None
+        self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.seq = dict.fromkeys(TOPICS, 0)
+        self.dropped = 0
+
+    def send(self, topic: str, header: dict[str, Any], parts: tuple[bytes, ...] = ()) -> None:
+        self.seq[topic] += 1
+        full = {
+            "schema_version": SCHEMA_VERSION,
+            "topic": topic,
+            "seq": self.seq[topic],
+            "camera_id": self.camera_id,
+            "publish_time": time.time(),
+            **header,
+        }
+        try:
+            self._sock.send_multipart([topic.encode("ascii"), json.dumps(full).encode(), *parts], flags=zmq.NOBLOCK)
+        except zmq.Again:
+            # PUB never blocks; with NOBLOCK a full queue would raise here instead of dropping.
+            self.dropped += 1
+
+    def alert(self, frame: Frame, defect: Defect) -> None:
+        body = asdict(defect)
+        body["box"] = list(defect.box)
+        self.send("alert", {"frame_id": frame.frame_id, "capture_time": frame.capture_time, **body})
+
+    def close(self) -> None:
+        self._sock.close()

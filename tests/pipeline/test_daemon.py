@@ -1,0 +1,131 @@
+"""End to end over real ZeroMQ on 127.0.0.1 (random ports): synthetic camera -> daemon -> listener."""
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+
+from pipeline.config import DaemonConfig, RuntimeConfig, ScoringConfig, SourceConfig
+from pipeline.daemon import Daemon
+from pipeline.framescore import FrameScorer
+from pipeline.listen import listen
+from pipeline.patchcore import PatchCoreScorer
+from pipeline.sources import SyntheticSource
+from pipeline.synthetic import SyntheticStrip
+
+WIDTH, FRAME, OVERLAP = 256, 768, 384
+MM_PX, MM_LINE = 0.5, 0.5
+
+
+def _threshold(bundle: Path) -> float:
+    """Above every pixel of a stretch of normal strip the daemon has not seen (calibration will
+    do this properly; here it keeps the test independent of that issue)."""
+    fs = FrameScorer(
+        scorer=PatchCoreScorer.open(bundle, runtime=RuntimeConfig(), scoring=ScoringConfig()), tile=None, margin=0
+    )
+    strip = SyntheticStrip(width=WIDTH, seed=3)
+    peaks = [fs.score(strip.render(20_000 + k * FRAME, FRAME)[0][:, :, None]).anomaly_map.max() for k in range(8)]
+    return 1.1 * float(max(peaks))
+
+
+def _run(bundle: Path, threshold: float, source_cfg: SourceConfig) -> tuple[list[dict], object, SyntheticSource, dict]:
+    cfg = DaemonConfig(
+        bundle=bundle,
+        frame_lines=FRAME,
+        overlap_lines=OVERLAP,
+        mm_per_px=MM_PX,
+        mm_per_line=MM_LINE,
+        threshold=threshold,
+        min_area_px=8,
+        pub_endpoint="tcp://127.0.0.1:*",
+        control_endpoint="tcp://127.0.0.1:*",
+        heartbeat_s=0.2,
+        queue_frames=1000,
+        source=source_cfg,
+    )
+    source = SyntheticSource(cfg=source_cfg, width=WIDTH, seed=3, frame_lines=FRAME)
+    ctx = zmq.Context()
+    daemon = Daemon(cfg=cfg, runtime=RuntimeConfig(), scoring=ScoringConfig(), source=source, context=ctx)
+    daemon.start(acquire=False)
+    alerts: list[dict] = []
+    first_beat = threading.Event()
+
+    def on_message(topic: str, header: dict) -> None:
+        if topic == "heartbeat":
+            first_beat.set()
+        elif topic == "alert":
+            alerts.append(header)
+
+    box: dict = {}
+    listener = threading.Thread(
+        target=lambda: box.update(
+            report=listen(
+                endpoint=daemon.publisher.endpoint,
+                topics=("alert", "heartbeat"),
+                on_message=on_message,
+                stop=lambda: False,
+                context=ctx,
+            )
+        )
+    )
+    listener.start()
+    assert first_beat.wait(10), "no heartbeat: the subscriber never connected"
+    daemon.start_acquisition()
+    listener.join(120)
+    daemon.join()
+    stats = daemon.stats.snapshot()
+    ctx.term()
+    assert not listener.is_alive()
+    return alerts, box["report"], source, stats
+
+
+def test_alerts_match_planted_defects(strip_bundle: Path) -> None:
+    threshold = _threshold(strip_bundle)
+    step = FRAME - OVERLAP
+    src = SourceConfig(block_lines=100, strip_lines=OVERLAP + 24 * step, first_line=40_000, defects_per_100_frames=150)
+    alerts, report, source, stats = _run(strip_bundle, threshold, src)
+    assert report.gaps == []
+    assert report.received["alert"] == len(alerts) == stats["counts"].get("alerts_total", 0)
+    assert stats["drops"] == {}
+    # Defects whose centre lies in rows some frame is responsible for.
+    last_line = 40_000 + OVERLAP + 24 * step - OVERLAP // 2
+    planted = [d for d in source.planted if d.line < last_line - 40]
+    assert len(planted) >= 15
+    found, matched, missed = 0, set(), []
+    for d in planted:
+        md, cd = d.line * MM_LINE / 1000, d.col * MM_PX
+        hits = [
+            i
+            for i, a in enumerate(alerts)
+            if abs(a["md_m"] - md) <= OVERLAP * MM_LINE / 1000 and abs(a["cd_mm"] - cd) <= 5.0
+        ]
+        found += bool(hits)
+        matched.update(hits)
+        if not hits:
+            missed.append(
+                (
+                    d.kind,
+                    d.line,
+                    d.col,
+                    [(round(a["md_m"] * 2000), round(a["cd_mm"] * 2)) for a in alerts if abs(a["md_m"] - md) < 0.5],
+                )
+            )
+    recall = found / len(planted)
+    false_alerts = len(alerts) - len(matched)
+    assert recall >= 0.95, f"recall {recall:.2f} of {len(planted)} planted; missed {missed}"
+    assert false_alerts <= 1, f"{false_alerts} alerts match no planted defect"
+    for a in alerts:
+        assert a["schema_version"] == 1 and a["camera_id"] == "cam0"
+        assert a["area_mm2"] > 0 and a["max_score"] > threshold == pytest.approx(a["threshold"])
+
+
+def test_defect_free_strip_raises_no_alert(strip_bundle: Path) -> None:
+    threshold = _threshold(strip_bundle)
+    src = SourceConfig(block_lines=256, strip_lines=OVERLAP + 30 * (FRAME - OVERLAP), first_line=90_000)
+    alerts, report, _, stats = _run(strip_bundle, threshold, src)
+    metres = 30 * (FRAME - OVERLAP) * MM_LINE / 1000
+    assert stats["counts"]["frames_scored_total"] == 30
+    assert report.gaps == [] and alerts == [], f"{len(alerts)} false alerts on {metres:.1f} m"
+    assert np.isfinite(stats["latency_seconds"]["end_to_end"]["p99"])
