@@ -359,8 +359,13 @@ class Daemon:
         self.stop_event.set()
 
     def join(self, timeout: float = 30.0) -> None:
+        """Wait for the pipeline to drain, then stop the control thread and close the sockets."""
         deadline = time.monotonic() + timeout
         for t in reversed(self._threads):
+            if not t.name.endswith("control"):
+                t.join(max(0.0, deadline - time.monotonic()))
+        self.stop_event.set()
+        for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))
         self.publisher.close()
         self._control.close(0)

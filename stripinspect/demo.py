@@ -5,12 +5,13 @@ from __future__ import annotations
 import csv
 import time
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
 
 from pipeline.config import Config
-from pipeline.synthetic import SyntheticStrip, random_defects
+from pipeline.synthetic import DEFECT_KINDS, PlantedDefect, SyntheticStrip, random_defects
 
 
 def write_synthetic_dataset(cfg: Config, root: Path) -> list[tuple[str, str]]:
@@ -31,7 +32,8 @@ def write_synthetic_dataset(cfg: Config, root: Path) -> list[tuple[str, str]]:
         cv2.imwrite(str(root / "test/good" / f"good_{i:05d}.png"), img)
         line += s.frame_lines
     for i in range(s.test_frames):
-        defects = random_defects(rng, first_line=line, lines=s.frame_lines, width=s.width, count=2)
+        kinds = [DEFECT_KINDS[(2 * i) % len(DEFECT_KINDS)], DEFECT_KINDS[(2 * i + 1) % len(DEFECT_KINDS)]]
+        defects = random_defects(rng, first_line=line, lines=s.frame_lines, width=s.width, count=2, kinds=kinds)
         img, mask = strip.render(line, s.frame_lines, defects)
         name = f"defect_{i:05d}"
         cv2.imwrite(str(root / "test/defect" / f"{name}.png"), img)
@@ -41,7 +43,7 @@ def write_synthetic_dataset(cfg: Config, root: Path) -> list[tuple[str, str]]:
     return planted
 
 
-def run_demo(*, cfg: Config, out: Path, progress: bool = True) -> dict[str, object]:
+def run_demo(*, cfg: Config, out: Path, progress: bool = True, steps: int = 24) -> dict[str, object]:
     from calibration.evaluate import evaluate
     from export.fit import fit_bundle
 
@@ -73,5 +75,127 @@ def run_demo(*, cfg: Config, out: Path, progress: bool = True) -> dict[str, obje
         f"\nimage AUROC {metrics['image_auroc']:.3f}  pixel AUROC {metrics['pixel_auroc']:.3f}  "
         f"AUPRO {metrics['pixel_aupro']:.3f}  ({ms:.0f} ms per frame)"
     )
-    print(f"overlays: {out / 'overlays'}  metrics: {out / 'metrics.json'}  total {time.perf_counter() - t0:.0f} s")
+    print(f"overlays: {out / 'overlays'}  metrics: {out / 'metrics.json'}")
+    metrics["daemon"] = run_daemon_demo(cfg=cfg, bundle=out / "bundle", steps=steps)
+    print(f"total {time.perf_counter() - t0:.0f} s")
     return metrics
+
+
+def match_alerts(
+    planted: list[PlantedDefect],
+    alerts: list[dict[str, Any]],
+    *,
+    mm_per_line: float,
+    mm_per_px: float,
+    md_tol_m: float,
+    cd_tol_mm: float,
+) -> tuple[int, int]:
+    """(planted defects found, alerts that match no planted defect)."""
+    found, matched = 0, set()
+    for d in planted:
+        md, cd = d.line * mm_per_line / 1000, d.col * mm_per_px
+        hits = [
+            i for i, a in enumerate(alerts) if abs(a["md_m"] - md) <= md_tol_m and abs(a["cd_mm"] - cd) <= cd_tol_mm
+        ]
+        found += bool(hits)
+        matched.update(hits)
+    return found, len(alerts) - len(matched)
+
+
+def run_daemon_demo(*, cfg: Config, bundle: Path, steps: int = 24) -> dict[str, Any]:
+    """The daemon on the synthetic camera with a listener over ZeroMQ on loopback."""
+    import threading
+
+    import zmq
+
+    from calibration.thresholds import threshold_above_normal
+    from pipeline.config import SourceConfig
+    from pipeline.daemon import Daemon
+    from pipeline.framescore import FrameScorer
+    from pipeline.listen import listen
+    from pipeline.patchcore import PatchCoreScorer
+    from pipeline.sources import SyntheticSource
+
+    d = cfg.daemon
+    step = d.frame_lines - d.overlap_lines
+    fs = FrameScorer(
+        scorer=PatchCoreScorer.open(bundle, runtime=cfg.runtime, scoring=cfg.scoring), tile=d.tile, margin=d.tile_margin
+    )
+    strip = SyntheticStrip(width=cfg.synthetic.width, seed=cfg.synthetic.seed)
+    normal = (strip.render(2_000_000 + k * d.frame_lines, d.frame_lines)[0][:, :, None] for k in range(6))
+    threshold = threshold_above_normal(fs, normal, factor=1.1)
+    src = SourceConfig(
+        block_lines=128, strip_lines=d.overlap_lines + steps * step, first_line=1_000_000, defects_per_100_frames=100
+    )
+    dcfg = d.model_copy(
+        update={
+            "bundle": bundle,
+            "threshold": threshold,
+            "source": src,
+            "pub_endpoint": "tcp://127.0.0.1:*",
+            "control_endpoint": "tcp://127.0.0.1:*",
+            "queue_frames": 1000,
+        }
+    )
+    source = SyntheticSource(cfg=src, width=cfg.synthetic.width, seed=cfg.synthetic.seed, frame_lines=d.frame_lines)
+    ctx = zmq.Context()
+    daemon = Daemon(cfg=dcfg, runtime=cfg.runtime, scoring=cfg.scoring, source=source, context=ctx)
+    daemon.start(acquire=False)
+    alerts: list[dict[str, Any]] = []
+    ready = threading.Event()
+
+    def on_message(topic: str, header: dict[str, Any]) -> None:
+        (ready.set() if topic == "heartbeat" else alerts.append(header))
+
+    result: dict[str, Any] = {}
+    t = threading.Thread(
+        target=lambda: result.update(
+            report=listen(
+                endpoint=daemon.publisher.endpoint,
+                topics=("alert", "heartbeat"),
+                on_message=on_message,
+                stop=lambda: False,
+                context=ctx,
+            )
+        )
+    )
+    t.start()
+    ready.wait(10)
+    t0 = time.perf_counter()
+    daemon.start_acquisition()
+    t.join(600)
+    seconds = time.perf_counter() - t0
+    daemon.join()
+    stats = daemon.stats.snapshot()
+    ctx.term()
+    last = 1_000_000 + d.overlap_lines + steps * step - d.overlap_lines // 2
+    planted = [p for p in source.planted if p.line < last - 40]
+    found, false_alerts = match_alerts(
+        planted,
+        alerts,
+        mm_per_line=d.mm_per_line,
+        mm_per_px=d.mm_per_px,
+        md_tol_m=d.overlap_lines * d.mm_per_line / 1000,
+        cd_tol_mm=5.0,
+    )
+    frames = stats["counts"].get("frames_scored_total", 0)
+    print(
+        f"\ndaemon on the synthetic camera ({cfg.synthetic.width} px x {d.frame_lines} lines per frame, "
+        f"{d.overlap_lines} lines overlap), threshold {threshold:.2f}:"
+    )
+    print(
+        f"  frames {frames}, strip {steps * step * d.mm_per_line / 1000:.1f} m in {seconds:.1f} s, "
+        f"defects planted {len(planted)}, found {found}, alerts {len(alerts)}, false alerts {false_alerts}, "
+        f"sequence gaps {len(result['report'].gaps)}, drops {stats['drops'] or 0}"
+    )
+    print(f"  {'stage':<12} {'p50 ms':>8} {'p99 ms':>8}")
+    for stage, q in stats["latency_seconds"].items():
+        print(f"  {stage:<12} {1000 * q['p50']:>8.1f} {1000 * q['p99']:>8.1f}")
+    return {
+        "frames": frames,
+        "planted": len(planted),
+        "found": found,
+        "alerts": len(alerts),
+        "false_alerts": false_alerts,
+        "gaps": len(result["report"].gaps),
+    }

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import zmq
 
+from calibration.thresholds import threshold_above_normal
 from pipeline.config import DaemonConfig, RuntimeConfig, ScoringConfig, SourceConfig
 from pipeline.daemon import Daemon
 from pipeline.framescore import FrameScorer
@@ -26,8 +27,8 @@ def _threshold(bundle: Path) -> float:
         scorer=PatchCoreScorer.open(bundle, runtime=RuntimeConfig(), scoring=ScoringConfig()), tile=None, margin=0
     )
     strip = SyntheticStrip(width=WIDTH, seed=3)
-    peaks = [fs.score(strip.render(20_000 + k * FRAME, FRAME)[0][:, :, None]).anomaly_map.max() for k in range(8)]
-    return 1.1 * float(max(peaks))
+    frames = (strip.render(20_000 + k * FRAME, FRAME)[0][:, :, None] for k in range(8))
+    return threshold_above_normal(fs, frames, factor=1.1)
 
 
 def _run(bundle: Path, threshold: float, source_cfg: SourceConfig) -> tuple[list[dict], object, SyntheticSource, dict]:
@@ -129,3 +130,58 @@ def test_defect_free_strip_raises_no_alert(strip_bundle: Path) -> None:
     assert stats["counts"]["frames_scored_total"] == 30
     assert report.gaps == [] and alerts == [], f"{len(alerts)} false alerts on {metres:.1f} m"
     assert np.isfinite(stats["latency_seconds"]["end_to_end"]["p99"])
+
+
+def test_control_socket_status_reload_stop_and_drops(strip_bundle: Path, tmp_path: Path) -> None:
+    # A camera far faster than scoring with a one-frame queue: frames must be dropped and
+    # counted, never block acquisition.
+    src = SourceConfig(block_lines=512, strip_lines=None, first_line=0)
+    cfg = DaemonConfig(
+        bundle=strip_bundle,
+        frame_lines=FRAME,
+        overlap_lines=OVERLAP,
+        threshold=1e9,
+        queue_frames=1,
+        pub_endpoint="tcp://127.0.0.1:*",
+        control_endpoint="tcp://127.0.0.1:*",
+        source=src,
+    )
+    ctx = zmq.Context()
+    daemon = Daemon(
+        cfg=cfg,
+        runtime=RuntimeConfig(),
+        scoring=ScoringConfig(),
+        source=SyntheticSource(cfg=src, width=WIDTH, seed=3, frame_lines=FRAME),
+        context=ctx,
+    )
+    daemon.start()
+    req = ctx.socket(zmq.REQ)
+    req.setsockopt(zmq.RCVTIMEO, 20_000)
+    req.setsockopt(zmq.LINGER, 0)
+    req.connect(daemon.control_endpoint)
+    try:
+        deadline = 40
+        while deadline and not daemon.stats.snapshot()["drops"]:
+            threading.Event().wait(0.5)
+            deadline -= 1
+        req.send_json({"cmd": "status"})
+        status = req.recv_json()
+        assert status["ok"] and status["state"] == "running"
+        assert status["drops"].get("score:queue_full", 0) > 0
+        broken = tmp_path / "broken"
+        broken.mkdir()
+        req.send_json({"cmd": "reload", "bundle": str(broken)})
+        reply = req.recv_json()
+        assert reply["ok"] is False and "not a bundle" in reply["error"]
+        req.send_json({"cmd": "reload", "bundle": str(strip_bundle)})
+        assert req.recv_json()["ok"] is True
+        req.send(b"not json")
+        assert req.recv_json()["ok"] is False
+        req.send_json({"cmd": "stop"})
+        assert req.recv_json()["ok"] is True
+    finally:
+        req.close(0)
+    daemon.join()
+    assert daemon.failed is None
+    assert daemon.stats.snapshot()["counts"]["frames_scored_total"] >= 1
+    ctx.term()
