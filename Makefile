@@ -7,6 +7,8 @@ PIP := $(VENV)/bin/pip
 # point pip at https://download.pytorch.org/whl/cpu (TORCH_INDEX=...) to avoid the CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
+# .ci/run adds genicam (after installing Aravis from Debian) so the camera test runs for real.
+EXTRAS ?= cpu,train,dev
 
 .PHONY: install demo test lint typecheck unit clean
 
@@ -14,7 +16,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),) "$(TORCH_SPEC)"
-	$(PIP) install --quiet -e ".[cpu,train,dev]"
+	$(PIP) install --quiet -e ".[$(EXTRAS)]"
 	touch $@
 
 install: $(VENV)/.installed

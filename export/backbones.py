@@ -272,9 +272,13 @@ class PatchFeatureNet(nn.Module):
         extractor: nn.Module,
         aggregation_size: int,
         projection_dim: int | None,
+        border_pad: int = 0,
         projection_seed: int = 0,
     ) -> None:
         super().__init__()
+        if border_pad < 0 or border_pad % 16:
+            raise BackboneError(f"border_pad must be a non-negative multiple of 16, got {border_pad}")
+        self.border_pad = border_pad
         if aggregation_size < 1 or aggregation_size % 2 == 0:
             raise BackboneError(f"aggregation_size must be odd and >= 1, got {aggregation_size}")
         self.extractor = extractor
@@ -296,6 +300,11 @@ class PatchFeatureNet(nn.Module):
         # passes unchanged (Expand broadcasts a channel dim of 1 and keeps 3).
         x = pixels.expand(-1, -1, -1, 3).permute(0, 3, 1, 2).float()
         x = (x - self.mean) * self.inv_std
+        pad = self.border_pad
+        if pad:
+            # Mirror the image outwards so border patches see image-like context rather than zero
+            # padding; a multiple of 16 keeps every stride's sampling grid aligned with the image.
+            x = F.pad(x, (pad, pad, pad, pad), mode="reflect")
         shallow, deep = self.extractor(x)
         p = self.aggregation_size
         if p > 1:
@@ -305,6 +314,9 @@ class PatchFeatureNet(nn.Module):
             deep = F.avg_pool2d(deep, p, stride=1, padding=p // 2, count_include_pad=False)
         deep = F.interpolate(deep, size=shallow.shape[-2:], mode="bilinear", align_corners=False)
         feats = torch.cat([shallow, deep], dim=1)
+        if pad:
+            c = pad // 8
+            feats = feats[:, :, c : feats.shape[2] - c, c : feats.shape[3] - c]
         if self.projection is not None:
             feats = torch.einsum("nchw,dc->ndhw", feats, self.projection)
         return feats.permute(0, 2, 3, 1).contiguous()

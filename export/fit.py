@@ -26,7 +26,7 @@ from pipeline.bundle import (
     write_manifest,
 )
 from pipeline.config import Config
-from pipeline.embed import OnnxEmbedder
+from pipeline.embed import MIN_SIDE, OnnxEmbedder
 from pipeline.errors import StripinspectError
 from pipeline.images import ImageReadError, list_images, read_image
 from pipeline.knn import build_index, write_index
@@ -40,7 +40,7 @@ class FitError(StripinspectError):
 def _scaled_hw(h: int, w: int, scale: float) -> tuple[int, int]:
     if scale == 1.0:
         return h, w
-    return max(16, round(h * scale)), max(16, round(w * scale))
+    return max(MIN_SIDE, round(h * scale)), max(MIN_SIDE, round(w * scale))
 
 
 def prepare_model(cfg: Config, out: Path, model_dir: Path | None) -> ModelInfo:
@@ -119,6 +119,7 @@ def fit_bundle(*, data: Path, out: Path, cfg: Config, model_dir: Path | None = N
             layer_channels=info.layer_channels,
             stride=stride,
             aggregation_size=info.aggregation_size,
+            border_pad=info.border_pad,
             projection_dim=info.projection_dim,
             embedding_dim=info.embedding_dim,
             weights=info.weights,

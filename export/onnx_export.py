@@ -38,6 +38,7 @@ class ModelInfo:
     layer_channels: tuple[int, int]
     feature_stride: int
     aggregation_size: int
+    border_pad: int
     projection_dim: int | None
     embedding_dim: int
     input_mean: tuple[float, float, float]
@@ -76,6 +77,7 @@ def export_backbone(cfg: BackboneConfig, out_dir: Path, *, threads: int = 2) -> 
         extractor=extractor,
         aggregation_size=cfg.aggregation_size,
         projection_dim=cfg.projection_dim,
+        border_pad=cfg.border_pad,
     ).eval()
     out_dir.mkdir(parents=True, exist_ok=True)
     onnx_path = out_dir / MODEL_FILE
@@ -132,6 +134,7 @@ def export_backbone(cfg: BackboneConfig, out_dir: Path, *, threads: int = 2) -> 
         layer_channels=spec.channels,
         feature_stride=spec.strides[0],
         aggregation_size=cfg.aggregation_size,
+        border_pad=cfg.border_pad,
         projection_dim=cfg.projection_dim,
         embedding_dim=net.embedding_dim,
         input_mean=spec.mean,

@@ -47,6 +47,7 @@ class FeatureSpec(_Frozen):
     layer_channels: tuple[int, int]
     stride: int = Field(ge=1)
     aggregation_size: int = Field(ge=1)
+    border_pad: int = Field(ge=0, description="Mirrored pixels added around the image inside the graph.")
     projection_dim: int | None
     embedding_dim: int = Field(ge=1)
     weights: str

@@ -49,6 +49,15 @@ class BackboneConfig(_Section):
         le=7,
         description="Side of PatchCore's locally aware neighbourhood average (p=3 in the paper).",
     )
+    border_pad: int = Field(
+        default=32,
+        ge=0,
+        le=256,
+        multiple_of=16,
+        description="Pixels of mirrored image added on every side inside the graph (features there are "
+        "cropped off again), so border patches see image-like context instead of the network's zero "
+        "padding. On BSData 32 px raised image AUROC 0.878 -> 0.909, pixel AUROC and AUPRO too.",
+    )
 
 
 class CoresetConfig(_Section):
@@ -144,10 +153,31 @@ class SyntheticConfig(_Section):
     test_frames: int = Field(default=6, ge=1, le=100_000, description="Frames with planted defects.")
 
 
+class GenicamConfig(_Section):
+    """A GigE Vision / USB3 Vision camera through Aravis; a line camera delivers each buffer as a
+    block of ``block lines`` lines (its image height)."""
+
+    device_id: str | None = Field(default=None, description="Aravis device id; None = the first camera found.")
+    region: tuple[int, int, int, int] | None = Field(
+        default=None,
+        description="x, y, width, height on the sensor; height = lines per buffer. None keeps the camera's.",
+    )
+    pixel_format: Literal["Mono8"] = Field(default="Mono8", description="Pixel format (8-bit mono).")
+    exposure_us: float | None = Field(default=None, gt=0, description="Exposure time in microseconds; None keeps it.")
+    frame_rate_hz: float | None = Field(
+        default=None, gt=0, description="Buffers per second (line rate / lines per buffer); None keeps it."
+    )
+    trigger_source: str | None = Field(
+        default=None, description="Trigger source, e.g. Line1 for an encoder; None = free running."
+    )
+    buffers: int = Field(default=16, ge=2, le=1024, description="Stream buffers queued to the driver.")
+    timeout_s: float = Field(default=2.0, gt=0, le=60, description="A buffer later than this counts as a stall.")
+
+
 class SourceConfig(_Section):
     """Where line blocks come from."""
 
-    kind: Literal["synthetic", "folder"] = Field(default="synthetic", description="Frame source.")
+    kind: Literal["synthetic", "folder", "genicam"] = Field(default="synthetic", description="Frame source.")
     block_lines: int = Field(default=128, ge=1, le=65536, description="Lines per block the camera delivers.")
     line_rate_hz: float | None = Field(
         default=None,
@@ -163,6 +193,7 @@ class SourceConfig(_Section):
         default=0.0, ge=0, le=10_000, description="Synthetic defects planted per 100 frames' worth of lines."
     )
     folder: Path | None = Field(default=None, description="Images replayed in name order (kind: folder).")
+    genicam: GenicamConfig = Field(default_factory=lambda: GenicamConfig(), description="Camera settings (genicam).")
 
 
 class DaemonConfig(_Section):

@@ -16,6 +16,8 @@ from pipeline.errors import StripinspectError
 
 INPUT_NAME = "pixels"
 OUTPUT_NAME = "features"
+# The graph mirrors up to border_pad pixels outwards (ONNX reflect Pad needs pad < side).
+MIN_SIDE = 48
 
 
 class EmbedderError(StripinspectError):
@@ -82,8 +84,8 @@ class OnnxEmbedder:
                 f"{getattr(pixels, 'dtype', type(pixels).__name__)} {getattr(pixels, 'shape', '')}"
             )
         n, h, w, c = pixels.shape
-        if n == 0 or h < 16 or w < 16:
-            raise ValueError(f"pixels shape {pixels.shape} too small (need N >= 1, H and W >= 16)")
+        if n == 0 or h < MIN_SIDE or w < MIN_SIDE:
+            raise ValueError(f"pixels shape {pixels.shape} too small (need N >= 1, H and W >= {MIN_SIDE})")
         expected = (1, 3) if self.input_channels is None else (self.input_channels,)
         if c not in expected:
             raise ValueError(f"pixels have {c} channels, the model was fitted on {expected[0]}")

@@ -10,7 +10,7 @@ import numpy as np
 
 from pipeline.bundle import INDEX_FILE, MODEL_FILE, BundleError, Manifest, read_manifest
 from pipeline.config import RuntimeConfig, ScoringConfig
-from pipeline.embed import EmbedderError, OnnxEmbedder
+from pipeline.embed import MIN_SIDE, EmbedderError, OnnxEmbedder
 from pipeline.knn import FaissIndex, KnnError
 from pipeline.scoring import anomaly_map, reweighted_image_score
 
@@ -34,7 +34,7 @@ def resize_for_model(image: np.ndarray, scale: float) -> np.ndarray:
     if scale == 1.0:
         return image
     h, w = image.shape[:2]
-    size = (max(16, round(w * scale)), max(16, round(h * scale)))
+    size = (max(MIN_SIDE, round(w * scale)), max(MIN_SIDE, round(h * scale)))
     out = cv2.resize(image, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
     return out.reshape(size[1], size[0], image.shape[2])
 
@@ -83,8 +83,8 @@ class PatchCoreScorer:
             image = image[:, :, None]
         if image.ndim != 3 or image.shape[2] != self.channels:
             raise ValueError(f"image shape {image.shape} does not have the bundle's {self.channels} channel(s)")
-        if image.shape[0] < 16 or image.shape[1] < 16:
-            raise ValueError(f"image shape {image.shape} is smaller than 16 x 16")
+        if image.shape[0] < MIN_SIDE or image.shape[1] < MIN_SIDE:
+            raise ValueError(f"image shape {image.shape} is smaller than {MIN_SIDE} x {MIN_SIDE}")
         return image
 
     def score(self, image: np.ndarray) -> ImageScore:

@@ -88,7 +88,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = _config(args.config)
     d = cfg.daemon
     source: Source
-    if d.source.kind == "folder":
+    if d.source.kind == "genicam":
+        from pipeline.genicam import GenicamSource
+
+        source = GenicamSource(cfg=d.source.genicam)
+    elif d.source.kind == "folder":
         if d.source.folder is None:
             raise ConfigError("daemon.source.folder is required for kind: folder")
         source = FolderSource(folder=d.source.folder, channels=1)

@@ -95,3 +95,19 @@ def test_graph_scales_pixels_inside(effnet_model_dir: Path) -> None:
     dark = e.embed(np.full((1, 64, 64, 3), 10, np.uint8))
     bright = e.embed(np.full((1, 64, 64, 3), 240, np.uint8))
     assert np.abs(dark - bright).max() > 0.1
+
+
+def test_border_pad_changes_only_the_border(tmp_path: Path) -> None:
+    # Mirrored context replaces zero padding at the image border; far inside, features are equal.
+    x = np.random.default_rng(3).integers(0, 256, (1, 448, 448, 3), dtype=np.uint8)
+    feats = {}
+    for pad in (0, 32):
+        info = export_backbone(BackboneConfig(border_pad=pad), tmp_path / str(pad))
+        assert info.border_pad == pad
+        e = OnnxEmbedder(model_path=tmp_path / str(pad) / "model.onnx", embedding_dim=152, input_channels=3, threads=1)
+        feats[pad] = e.embed(x)[0]
+    assert feats[0].shape == feats[32].shape == (56, 56, 152)
+    scale = np.abs(feats[0]).max()
+    assert np.abs(feats[0][0] - feats[32][0]).max() / scale > 1e-2  # top row differs
+    inner = slice(26, 30)  # 208+ px from every border: beyond the receptive radius
+    np.testing.assert_allclose(feats[0][inner, inner], feats[32][inner, inner], atol=1e-3 * scale)
