@@ -29,6 +29,7 @@ from pipeline.messages import Defect, Frame
 from pipeline.patchcore import PatchCoreScorer
 from pipeline.publish import Publisher
 from pipeline.sources import Source
+from pipeline.systemd import notify
 
 log = logging.getLogger("stripinspect.daemon")
 
@@ -139,6 +140,7 @@ class Daemon:
         self._threads: list[threading.Thread] = []
         self.state = "starting"
         self.failed: BaseException | None = None
+        self._last_scored = 0
 
     def _load(self, bundle: Path) -> FrameScorer:
         scorer = PatchCoreScorer.open(bundle, runtime=self.runtime, scoring=self.scoring)
@@ -165,6 +167,7 @@ class Daemon:
     def start_acquisition(self) -> None:
         self.state = "running"
         self._acquire_go.set()
+        notify("READY=1")
 
     def _guard(self, target: Any) -> Any:
         def run() -> None:
@@ -318,6 +321,11 @@ class Daemon:
 
     def _heartbeat(self) -> None:
         snap = self.stats.snapshot()
+        scored = snap["counts"].get("frames_scored_total", 0)
+        if scored > self._last_scored:
+            # The systemd watchdog is fed only while frames advance.
+            notify("WATCHDOG=1")
+            self._last_scored = scored
         self.publisher.send("heartbeat", {"state": self.state, "frame_id": None, **snap})
 
     def _control_loop(self) -> None:

@@ -185,3 +185,20 @@ def test_control_socket_status_reload_stop_and_drops(strip_bundle: Path, tmp_pat
     assert daemon.failed is None
     assert daemon.stats.snapshot()["counts"]["frames_scored_total"] >= 1
     ctx.term()
+
+
+def test_systemd_notify_reaches_the_socket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    from pipeline.systemd import notify
+
+    path = tmp_path / "notify.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind(str(path))
+    server.settimeout(5)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+    assert notify("READY=1")
+    assert server.recv(64) == b"READY=1"
+    server.close()
+    monkeypatch.delenv("NOTIFY_SOCKET")
+    assert notify("READY=1") is False
