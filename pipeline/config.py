@@ -177,7 +177,7 @@ class GenicamConfig(_Section):
 class SourceConfig(_Section):
     """Where line blocks come from."""
 
-    kind: Literal["synthetic", "folder", "genicam"] = Field(default="synthetic", description="Frame source.")
+    kind: Literal["synthetic", "folder", "video", "genicam"] = Field(default="synthetic", description="Frame source.")
     block_lines: int = Field(default=128, ge=1, le=65536, description="Lines per block the camera delivers.")
     line_rate_hz: float | None = Field(
         default=None,
@@ -193,6 +193,7 @@ class SourceConfig(_Section):
         default=0.0, ge=0, le=10_000, description="Synthetic defects planted per 100 frames' worth of lines."
     )
     folder: Path | None = Field(default=None, description="Images replayed in name order (kind: folder).")
+    video: Path | None = Field(default=None, description="Video file read through OpenCV (kind: video).")
     genicam: GenicamConfig = Field(default_factory=lambda: GenicamConfig(), description="Camera settings (genicam).")
 
 
@@ -226,6 +227,13 @@ class DaemonConfig(_Section):
     control_endpoint: str = Field(default="tcp://127.0.0.1:5556", description="ZeroMQ REP control endpoint.")
     send_hwm: int = Field(default=10_000, ge=1, description="PUB high-water mark (messages per subscriber).")
     heartbeat_s: float = Field(default=1.0, gt=0, le=60, description="Heartbeat period.")
+    metrics_port: int | None = Field(
+        default=9108, ge=0, le=65535, description="Prometheus /metrics port; None disables it."
+    )
+    metrics_addr: str = Field(default="127.0.0.1", description="Address the metrics endpoint binds to.")
+    publish_maps: bool = Field(
+        default=False, description="Attach each frame's score map (valid rows, float16) to the frame message."
+    )
 
     @model_validator(mode="after")
     def _frame_geometry(self) -> DaemonConfig:

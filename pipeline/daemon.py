@@ -45,6 +45,7 @@ class Scored:
     defects: list[Defect]
     max_score: float
     seconds: dict[str, float]
+    score_map: np.ndarray | None = None  # valid rows, only when maps are published
 
 
 @dataclass
@@ -275,6 +276,7 @@ class Daemon:
             frame=frame,
             defects=defects,
             max_score=float(valid.max()),
+            score_map=valid if self.cfg.publish_maps else None,
             seconds={"preprocess": t1 - t0, "embed": t2 - t1, "knn_map": t3 - t2, "defects": t4 - t3},
         )
 
@@ -295,11 +297,18 @@ class Daemon:
                 break
             t0 = time.perf_counter()
             f = item.frame
+            end_md = f.md_m + f.pixels.shape[0] * self.cfg.mm_per_line / 1000.0
             for d in item.defects:
-                self.publisher.alert(f, d)
+                self.publisher.alert(f, d, capture_md_m=end_md)
+            parts: tuple[bytes, ...] = ()
+            map_header: dict[str, Any] = {}
+            if self.cfg.publish_maps and item.score_map is not None:
+                parts = (item.score_map.astype("<f2").tobytes(),)
+                map_header = {"map_shape": list(item.score_map.shape), "map_dtype": "float16 little-endian"}
             self.publisher.send(
                 "frame",
                 {
+                    **map_header,
                     "frame_id": f.frame_id,
                     "capture_time": f.capture_time,
                     "first_line": f.first_line,
@@ -310,6 +319,7 @@ class Daemon:
                     "defects": len(item.defects),
                     "threshold": self.cfg.threshold,
                 },
+                parts,
             )
             self.stats.count("alerts_total", len(item.defects))
             secs = dict(item.seconds)

@@ -60,10 +60,15 @@ class Publisher:
             # PUB never blocks; with NOBLOCK a full queue would raise here instead of dropping.
             self.dropped += 1
 
-    def alert(self, frame: Frame, defect: Defect) -> None:
+    def alert(self, frame: Frame, defect: Defect, *, capture_md_m: float) -> None:
+        """``capture_md_m``: MD of the line the camera saw at ``capture_time`` (the frame's last
+        line), so a reject actuator can tell how far past the camera the defect already is."""
         body = asdict(defect)
         body["box"] = list(defect.box)
-        self.send("alert", {"frame_id": frame.frame_id, "capture_time": frame.capture_time, **body})
+        self.send(
+            "alert",
+            {"frame_id": frame.frame_id, "capture_time": frame.capture_time, "capture_md_m": capture_md_m, **body},
+        )
 
     def close(self) -> None:
         self._sock.close()

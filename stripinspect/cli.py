@@ -92,6 +92,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         from pipeline.genicam import GenicamSource
 
         source = GenicamSource(cfg=d.source.genicam)
+    elif d.source.kind == "video":
+        from pipeline.sources import VideoSource
+
+        if d.source.video is None:
+            raise ConfigError("daemon.source.video is required for kind: video")
+        source = VideoSource(path=d.source.video)
     elif d.source.kind == "folder":
         if d.source.folder is None:
             raise ConfigError("daemon.source.folder is required for kind: folder")
@@ -101,6 +107,15 @@ def cmd_run(args: argparse.Namespace) -> int:
             cfg=d.source, width=cfg.synthetic.width, seed=cfg.synthetic.seed, frame_lines=d.frame_lines
         )
     daemon = Daemon(cfg=d, runtime=cfg.runtime, scoring=cfg.scoring, source=source)
+    server = None
+    if d.metrics_port is not None:
+        from pipeline.metrics import serve_metrics
+
+        try:
+            server, _ = serve_metrics(daemon, port=d.metrics_port, addr=d.metrics_addr)
+        except OSError as err:
+            daemon.join(0.1)
+            raise ConfigError(f"daemon.metrics_port = {d.metrics_port}: cannot serve metrics: {err}") from None
     signal.signal(signal.SIGTERM, lambda *_: daemon.stop())
     signal.signal(signal.SIGINT, lambda *_: daemon.stop())
     signal.signal(signal.SIGHUP, lambda *_: daemon._command("reload", {}))
@@ -108,6 +123,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         "running: PUB %s, control %s", daemon.publisher.endpoint, daemon.control_endpoint
     )
     daemon.run_until_done()
+    if server is not None:
+        server.shutdown()
     print(json.dumps(daemon.stats.snapshot(), indent=2))
     return 1 if daemon.failed is not None else 0
 
@@ -130,6 +147,45 @@ def cmd_listen(args: argparse.Namespace) -> int:
         print(f"gap on {topic}: expected seq {want}, got {got}", file=sys.stderr)
     print(f"received {report.received}, {len(report.gaps)} gap(s)", file=sys.stderr)
     return 0 if not report.gaps else 3
+
+
+def cmd_reject_sim(args: argparse.Namespace) -> int:
+    import time
+
+    from pipeline.listen import deadline, listen
+    from pipeline.reject import fire_time
+
+    late: list[float] = []
+    margins: list[float] = []
+
+    def on_alert(topic: str, header: dict[str, object]) -> None:
+        now = time.time()
+        fire = fire_time(header, speed_m_s=args.speed, distance_m=args.distance)
+        margin = fire - args.lead - now
+        margins.append(margin)
+        if margin < 0:
+            late.append(margin)
+        print(
+            json.dumps(
+                {
+                    "seq": header["seq"],
+                    "md_m": header["md_m"],
+                    "cd_mm": header["cd_mm"],
+                    "fire_time": fire,
+                    "margin_s": round(margin, 4),
+                    "late": margin < 0,
+                }
+            ),
+            flush=True,
+        )
+
+    report = listen(endpoint=args.endpoint, topics=("alert",), on_message=on_alert, stop=deadline(args.seconds))
+    worst = f"{min(margins):.3f} s" if margins else "-"
+    print(
+        f"alerts {len(margins)}, too late {len(late)}, smallest margin {worst}, sequence gaps {len(report.gaps)}",
+        file=sys.stderr,
+    )
+    return 0 if not late and not report.gaps else 3
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -173,6 +229,14 @@ def build_parser() -> argparse.ArgumentParser:
     li.add_argument("--out", type=Path, default=None, help="append JSON lines to this file")
     li.add_argument("--seconds", type=float, default=None, help="stop after this long")
     li.set_defaults(func=cmd_listen)
+
+    rj = sub.add_parser("reject-sim", help="play a reject actuator: fire time per alert, report late alerts")
+    rj.add_argument("endpoint", help="the daemon's PUB endpoint")
+    rj.add_argument("--speed", type=float, required=True, help="line speed, m/s")
+    rj.add_argument("--distance", type=float, required=True, help="camera to actuator, m")
+    rj.add_argument("--lead", type=float, default=0.02, help="actuator needs the command this early, s")
+    rj.add_argument("--seconds", type=float, default=None, help="stop after this long")
+    rj.set_defaults(func=cmd_reject_sim)
 
     d = sub.add_parser("demo", help="synthetic strip end to end: export, fit, score frames with defects")
     with_config(d)

@@ -1,8 +1,10 @@
 import json
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import yaml
@@ -10,19 +12,38 @@ import yaml
 from tests.conftest import REPO
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def test_sigterm_drains_and_exits_zero(tmp_path: Path, strip_bundle: Path) -> None:
+    port = _free_port()
     cfg = {
         "synthetic": {"width": 256, "seed": 3},
         "daemon": {
-            "bundle": str(strip_bundle), "frame_lines": 512, "overlap_lines": 128, "threshold": 1e9,
-            "pub_endpoint": "tcp://127.0.0.1:*", "control_endpoint": "tcp://127.0.0.1:*", "queue_frames": 256,
+            "bundle": str(strip_bundle),
+            "frame_lines": 512,
+            "overlap_lines": 128,
+            "threshold": 1e9,
+            "pub_endpoint": "tcp://127.0.0.1:*",
+            "control_endpoint": "tcp://127.0.0.1:*",
+            "queue_frames": 256,
+            "metrics_port": port,
             "source": {"kind": "synthetic", "block_lines": 128, "line_rate_hz": 4000},
         },
     }
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    proc = subprocess.Popen([sys.executable, "-m", "stripinspect", "run", "--config", str(path)], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = ""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stripinspect", "run", "--config", str(path)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 60
         assert proc.stderr is not None
@@ -31,6 +52,8 @@ def test_sigterm_drains_and_exits_zero(tmp_path: Path, strip_bundle: Path) -> No
             line = proc.stderr.readline()
         assert "running:" in line
         time.sleep(3.0)  # a few frames at 4,000 lines/s
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            metrics = r.read().decode()
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=60)
     finally:
@@ -42,12 +65,19 @@ def test_sigterm_drains_and_exits_zero(tmp_path: Path, strip_bundle: Path) -> No
     # nothing in flight was lost.
     assert stats["drops"] == {}
     assert stats["counts"]["frames_scored_total"] == stats["counts"]["frames_total"] >= 2
+    # Prometheus metrics were served while running, with the project's prefix and units.
+    assert "stripinspect_frames_total" in metrics and "stripinspect_stage_latency_seconds{" in metrics
 
 
 def test_bad_bundle_exits_nonzero_with_one_line(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump({"daemon": {"bundle": str(tmp_path / "none")}}))
-    out = subprocess.run([sys.executable, "-m", "stripinspect", "run", "--config", str(path)], cwd=REPO,
-                         capture_output=True, text=True, timeout=60)
+    path.write_text(yaml.safe_dump({"daemon": {"bundle": str(tmp_path / "none"), "metrics_port": None}}))
+    out = subprocess.run(
+        [sys.executable, "-m", "stripinspect", "run", "--config", str(path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1].startswith("error:") and "not a bundle" in out.stderr

@@ -202,3 +202,51 @@ def test_systemd_notify_reaches_the_socket(tmp_path: Path, monkeypatch: pytest.M
     server.close()
     monkeypatch.delenv("NOTIFY_SOCKET")
     assert notify("READY=1") is False
+
+
+def test_frame_messages_carry_the_score_map_when_enabled(strip_bundle: Path) -> None:
+    from pipeline.publish import decode
+
+    src = SourceConfig(block_lines=128, strip_lines=OVERLAP + 3 * (FRAME - OVERLAP), first_line=300_000)
+    cfg = DaemonConfig(
+        bundle=strip_bundle,
+        frame_lines=FRAME,
+        overlap_lines=OVERLAP,
+        threshold=1e9,
+        publish_maps=True,
+        pub_endpoint="tcp://127.0.0.1:*",
+        control_endpoint="tcp://127.0.0.1:*",
+        heartbeat_s=0.2,
+        source=src,
+    )
+    ctx = zmq.Context()
+    daemon = Daemon(
+        cfg=cfg,
+        runtime=RuntimeConfig(),
+        scoring=ScoringConfig(),
+        source=SyntheticSource(cfg=src, width=WIDTH, seed=3, frame_lines=FRAME),
+        context=ctx,
+    )
+    daemon.start(acquire=False)
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.setsockopt(zmq.RCVTIMEO, 30_000)
+    sub.connect(daemon.publisher.endpoint)
+    while decode(sub.recv_multipart())[0] != "heartbeat":
+        pass
+    daemon.start_acquisition()
+    frames = []
+    while len(frames) < 3:
+        topic, header, parts = decode(sub.recv_multipart())
+        if topic == "frame":
+            frames.append((header, parts))
+    sub.close(0)
+    daemon.stop()
+    daemon.join()
+    ctx.term()
+    for header, parts in frames:
+        rows = header["valid_rows"][1] - header["valid_rows"][0]
+        assert header["map_shape"] == [rows, WIDTH]
+        amap = np.frombuffer(parts[0], dtype="<f2").reshape(rows, WIDTH)
+        assert float(amap.max()) == pytest.approx(header["max_score"], rel=1e-3)
+    assert [h["seq"] for h, _ in frames] == [1, 2, 3]
