@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import threading
 import time
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import zmq
 
 from pipeline.config import Config, CoresetConfig, DaemonConfig, FitConfig, SourceConfig, SyntheticConfig
 from pipeline.daemon import Daemon
-from pipeline.listen import listen
+from pipeline.listen import collect_run
 from pipeline.sources import SyntheticSource
 
 
@@ -70,24 +69,14 @@ def main() -> None:
     source = SyntheticSource(cfg=src, width=args.width, seed=7, frame_lines=args.lines)
     daemon = Daemon(cfg=cfg, runtime=full.runtime, scoring=full.scoring, source=source, context=ctx)
     daemon.start(acquire=False)
-    ready = threading.Event()
-    box: dict = {}
-    t = threading.Thread(
-        target=lambda: box.update(
-            r=listen(
-                endpoint=daemon.publisher.endpoint,
-                topics=("frame", "heartbeat"),
-                on_message=lambda topic, h: ready.set(),
-                stop=lambda: False,
-                context=ctx,
-            )
-        )
-    )
-    t.start()
-    ready.wait(10)
     cpu0, t0 = time.process_time(), time.perf_counter()
-    daemon.start_acquisition()
-    t.join(1800)
+    _, report = collect_run(
+        endpoint=daemon.publisher.endpoint,
+        topics=("frame",),
+        start=daemon.start_acquisition,
+        context=ctx,
+        timeout_s=1800,
+    )
     wall = time.perf_counter() - t0
     cpu = time.process_time() - cpu0
     daemon.join()
@@ -106,7 +95,7 @@ def main() -> None:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(
         f"\nframes acquired {s['counts'].get('frames_total', 0)}, scored {scored}, drops {s['drops'] or 'none'}, "
-        f"sequence gaps {len(box['r'].gaps)}"
+        f"sequence gaps {len(report.gaps)}"
     )
     print(
         f"sustained {mpx:.2f} Mpx/s of new strip ({scored / wall:.2f} frames/s), CPU {100 * cpu / wall:.0f} % "

@@ -66,3 +66,45 @@ def json_line(topic: str, header: dict[str, Any]) -> str:
 def deadline(seconds: float | None) -> Callable[[], bool]:
     end = None if seconds is None else time.monotonic() + seconds
     return lambda: end is not None and time.monotonic() >= end
+
+
+def collect_run(
+    *,
+    endpoint: str,
+    topics: tuple[str, ...],
+    start: Callable[[], None],
+    context: zmq.Context,
+    timeout_s: float = 600.0,
+) -> tuple[list[tuple[str, dict[str, Any]]], ListenReport]:
+    """Subscribe, wait for the first heartbeat (so the subscription is live and nothing is
+    missed: PUB drops messages for subscribers that have not joined yet), then call ``start``
+    and collect ``topics`` until the publisher reports that it stopped."""
+    import threading
+
+    messages: list[tuple[str, dict[str, Any]]] = []
+    joined = threading.Event()
+
+    def on_message(topic: str, header: dict[str, Any]) -> None:
+        if topic == "heartbeat":
+            joined.set()
+        if topic in topics:
+            messages.append((topic, header))
+
+    box: dict[str, ListenReport] = {}
+    thread = threading.Thread(
+        target=lambda: box.update(
+            report=listen(
+                endpoint=endpoint,
+                topics=(*topics, "heartbeat"),
+                on_message=on_message,
+                stop=deadline(timeout_s),
+                context=context,
+            )
+        )
+    )
+    thread.start()
+    if not joined.wait(30):
+        raise TimeoutError(f"no heartbeat from {endpoint} within 30 s")
+    start()
+    thread.join()
+    return messages, box["report"]

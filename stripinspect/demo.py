@@ -104,15 +104,13 @@ def match_alerts(
 
 def run_daemon_demo(*, cfg: Config, bundle: Path, steps: int = 24) -> dict[str, Any]:
     """The daemon on the synthetic camera with a listener over ZeroMQ on loopback."""
-    import threading
-
     import zmq
 
     from calibration.thresholds import threshold_above_normal
     from pipeline.config import SourceConfig
     from pipeline.daemon import Daemon
     from pipeline.framescore import FrameScorer
-    from pipeline.listen import listen
+    from pipeline.listen import collect_run
     from pipeline.patchcore import PatchCoreScorer
     from pipeline.sources import SyntheticSource
 
@@ -141,30 +139,12 @@ def run_daemon_demo(*, cfg: Config, bundle: Path, steps: int = 24) -> dict[str, 
     ctx = zmq.Context()
     daemon = Daemon(cfg=dcfg, runtime=cfg.runtime, scoring=cfg.scoring, source=source, context=ctx)
     daemon.start(acquire=False)
-    alerts: list[dict[str, Any]] = []
-    ready = threading.Event()
-
-    def on_message(topic: str, header: dict[str, Any]) -> None:
-        (ready.set() if topic == "heartbeat" else alerts.append(header))
-
-    result: dict[str, Any] = {}
-    t = threading.Thread(
-        target=lambda: result.update(
-            report=listen(
-                endpoint=daemon.publisher.endpoint,
-                topics=("alert", "heartbeat"),
-                on_message=on_message,
-                stop=lambda: False,
-                context=ctx,
-            )
-        )
-    )
-    t.start()
-    ready.wait(10)
     t0 = time.perf_counter()
-    daemon.start_acquisition()
-    t.join(600)
+    messages, report = collect_run(
+        endpoint=daemon.publisher.endpoint, topics=("alert",), start=daemon.start_acquisition, context=ctx
+    )
     seconds = time.perf_counter() - t0
+    alerts = [h for _, h in messages]
     daemon.join()
     stats = daemon.stats.snapshot()
     ctx.term()
@@ -186,7 +166,7 @@ def run_daemon_demo(*, cfg: Config, bundle: Path, steps: int = 24) -> dict[str, 
     print(
         f"  frames {frames}, strip {steps * step * d.mm_per_line / 1000:.1f} m in {seconds:.1f} s, "
         f"defects planted {len(planted)}, found {found}, alerts {len(alerts)}, false alerts {false_alerts}, "
-        f"sequence gaps {len(result['report'].gaps)}, drops {stats['drops'] or 0}"
+        f"sequence gaps {len(report.gaps)}, drops {stats['drops'] or 0}"
     )
     print(f"  {'stage':<12} {'p50 ms':>8} {'p99 ms':>8}")
     for stage, q in stats["latency_seconds"].items():
@@ -197,5 +177,5 @@ def run_daemon_demo(*, cfg: Config, bundle: Path, steps: int = 24) -> dict[str, 
         "found": found,
         "alerts": len(alerts),
         "false_alerts": false_alerts,
-        "gaps": len(result["report"].gaps),
+        "gaps": len(report.gaps),
     }

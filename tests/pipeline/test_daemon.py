@@ -11,7 +11,7 @@ from calibration.thresholds import threshold_above_normal
 from pipeline.config import DaemonConfig, RuntimeConfig, ScoringConfig, SourceConfig
 from pipeline.daemon import Daemon
 from pipeline.framescore import FrameScorer
-from pipeline.listen import listen
+from pipeline.listen import collect_run
 from pipeline.patchcore import PatchCoreScorer
 from pipeline.sources import SyntheticSource
 from pipeline.synthetic import SyntheticStrip
@@ -50,36 +50,18 @@ def _run(bundle: Path, threshold: float, source_cfg: SourceConfig) -> tuple[list
     ctx = zmq.Context()
     daemon = Daemon(cfg=cfg, runtime=RuntimeConfig(), scoring=ScoringConfig(), source=source, context=ctx)
     daemon.start(acquire=False)
-    alerts: list[dict] = []
-    first_beat = threading.Event()
-
-    def on_message(topic: str, header: dict) -> None:
-        if topic == "heartbeat":
-            first_beat.set()
-        elif topic == "alert":
-            alerts.append(header)
-
-    box: dict = {}
-    listener = threading.Thread(
-        target=lambda: box.update(
-            report=listen(
-                endpoint=daemon.publisher.endpoint,
-                topics=("alert", "heartbeat"),
-                on_message=on_message,
-                stop=lambda: False,
-                context=ctx,
-            )
-        )
+    messages, report = collect_run(
+        endpoint=daemon.publisher.endpoint,
+        topics=("alert",),
+        start=daemon.start_acquisition,
+        context=ctx,
+        timeout_s=120,
     )
-    listener.start()
-    assert first_beat.wait(10), "no heartbeat: the subscriber never connected"
-    daemon.start_acquisition()
-    listener.join(120)
+    alerts = [h for _, h in messages]
     daemon.join()
     stats = daemon.stats.snapshot()
     ctx.term()
-    assert not listener.is_alive()
-    return alerts, box["report"], source, stats
+    return alerts, report, source, stats
 
 
 def test_alerts_match_planted_defects(strip_bundle: Path) -> None:
