@@ -200,7 +200,7 @@ class SourceConfig(_Section):
 class DaemonConfig(_Section):
     """The inspection daemon: frames, geometry, thresholds, sockets."""
 
-    bundle: Path = Field(default=Path("bundles/strip"), description="Bundle folder to load.")
+    bundle: Path = Field(default=Path("demo_out/bundle"), description="Bundle folder to load (make demo writes one).")
     camera_id: str = Field(default="cam0", min_length=1, max_length=64, description="Camera id in every message.")
     source: SourceConfig = Field(default_factory=SourceConfig, description="Frame source.")
     frame_lines: int = Field(default=1024, ge=32, le=65536, description="Lines per frame (multiple of 16).")
@@ -217,7 +217,18 @@ class DaemonConfig(_Section):
     tile_margin: int = Field(default=176, ge=0, le=4096, description="Kept features are this far from tile seams.")
     mm_per_px: float = Field(default=0.5, gt=0, le=100, description="Across the strip (CD), mm per pixel.")
     mm_per_line: float = Field(default=0.5, gt=0, le=100, description="Along the strip (MD), mm per line.")
-    threshold: float = Field(default=10.0, gt=0, description="Pixel score above which a pixel is defective.")
+    strip_edge_px: float = Field(
+        default=0.0,
+        ge=0,
+        description="Image column of the strip's reference edge; CD is measured from it "
+        "(until calibration detects the edge per frame).",
+    )
+    threshold: float | None = Field(
+        default=None,
+        gt=0,
+        description="Pixel score above which a pixel is defective; None takes the bundle's "
+        "thresholds.pixel (written by calibration or the demo).",
+    )
     min_area_px: int = Field(default=16, ge=1, description="Smallest defect, in pixels.")
     queue_frames: int = Field(default=4, ge=1, le=1024, description="Frames waiting for scoring before drops.")
     queue_results: int = Field(default=64, ge=1, le=65536, description="Scored frames waiting for publishing.")

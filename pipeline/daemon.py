@@ -113,6 +113,7 @@ class Daemon:
                 f"{self.frame_scorer.scorer.channels}"
             )
         self._pending: FrameScorer | None = None
+        self._pending_threshold: float | None = None
         self._swap_lock = threading.Lock()
         self.assembler = LineAssembler(
             width=source.width,
@@ -142,6 +143,17 @@ class Daemon:
         self.state = "starting"
         self.failed: BaseException | None = None
         self._last_scored = 0
+        self.threshold = self._threshold_for(self.frame_scorer)
+
+    def _threshold_for(self, fs: FrameScorer) -> float:
+        if self.cfg.threshold is not None:
+            return self.cfg.threshold
+        stored = (fs.scorer.manifest.thresholds or {}).get("pixel")
+        if stored is None or not stored > 0:
+            raise StripinspectError(
+                f"{self.cfg.bundle}: no pixel threshold: set daemon.threshold or calibrate the bundle"
+            )
+        return float(stored)
 
     def _load(self, bundle: Path) -> FrameScorer:
         scorer = PatchCoreScorer.open(bundle, runtime=self.runtime, scoring=self.scoring)
@@ -236,9 +248,11 @@ class Daemon:
             if item is _END:
                 break
             with self._swap_lock:
+                # Swapped between frames: no frame is scored half by each model or threshold.
                 if self._pending is not None:
-                    # Swapped between frames: no frame is scored half by each model.
                     self.frame_scorer, self._pending = self._pending, None
+                if self._pending_threshold is not None:
+                    self.threshold, self._pending_threshold = self._pending_threshold, None
             scored = self._score(item)
             if scored is None:
                 continue
@@ -264,10 +278,11 @@ class Daemon:
         defects = extract_defects(
             result.anomaly_map,
             frame=frame,
-            threshold=self.cfg.threshold,
+            threshold=self.threshold,
             min_area_px=self.cfg.min_area_px,
             mm_per_px=self.cfg.mm_per_px,
             mm_per_line=self.cfg.mm_per_line,
+            strip_left_px=self.cfg.strip_edge_px,
         )
         t4 = time.perf_counter()
         valid = result.anomaly_map[frame.valid_from : frame.valid_to]
@@ -317,7 +332,7 @@ class Daemon:
                     "valid_rows": [f.valid_from, f.valid_to],
                     "max_score": item.max_score,
                     "defects": len(item.defects),
-                    "threshold": self.cfg.threshold,
+                    "threshold": self.threshold,
                 },
                 parts,
             )
@@ -358,15 +373,24 @@ class Daemon:
         if cmd == "stop":
             self.stop_event.set()
             return {"ok": True, "state": "stopping"}
+        if cmd == "reload" and "threshold" in req and "bundle" not in req:
+            value = req["threshold"]
+            if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:
+                return {"ok": False, "error": f"threshold must be a number > 0, got {value!r}"}
+            with self._swap_lock:
+                self._pending_threshold = float(value)
+            return {"ok": True, "threshold": float(value)}
         if cmd == "reload":
             bundle = Path(req.get("bundle") or self.cfg.bundle)
             try:
                 new = self._load(bundle)
+                threshold = self._threshold_for(new)
             except StripinspectError as err:
                 # The old model keeps running.
                 return {"ok": False, "error": str(err)}
             with self._swap_lock:
                 self._pending = new
+                self._pending_threshold = threshold
             return {"ok": True, "bundle": str(bundle)}
         return {"ok": False, "error": f"unknown command {cmd!r}; known: status, reload, stop"}
 

