@@ -351,7 +351,10 @@ class Daemon:
             # The systemd watchdog is fed only while frames advance.
             notify("WATCHDOG=1")
             self._last_scored = scored
-        self.publisher.send("heartbeat", {"state": self.state, "frame_id": None, **snap})
+        self.publisher.send(
+            "heartbeat",
+            {"state": self.state, "frame_id": None, "capture_time": None, "threshold": self.threshold, **snap},
+        )
 
     def _control_loop(self) -> None:
         poller = zmq.Poller()
