@@ -217,6 +217,9 @@ class DaemonConfig(_Section):
     tile_margin: int = Field(default=176, ge=0, le=4096, description="Kept features are this far from tile seams.")
     mm_per_px: float = Field(default=0.5, gt=0, le=100, description="Across the strip (CD), mm per pixel.")
     mm_per_line: float = Field(default=0.5, gt=0, le=100, description="Along the strip (MD), mm per line.")
+    flatfield: Path | None = Field(
+        default=None, description="Flat-field file from `stripinspect calibrate flatfield`; None = no correction."
+    )
     strip_edge_px: float = Field(
         default=0.0,
         ge=0,

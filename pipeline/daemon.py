@@ -23,6 +23,7 @@ import zmq
 from pipeline.config import DaemonConfig, RuntimeConfig, ScoringConfig
 from pipeline.defects import extract_defects
 from pipeline.errors import StripinspectError
+from pipeline.flatfield import FlatField, load_flatfield
 from pipeline.framescore import FrameScorer
 from pipeline.linescan import LineAssembler
 from pipeline.messages import Defect, Frame
@@ -125,6 +126,10 @@ class Daemon:
         )
         if source.width % 16:
             raise StripinspectError(f"camera width {source.width} must be a multiple of 16")
+        self.flatfield: FlatField | None = None
+        if cfg.flatfield is not None:
+            offset, gain = load_flatfield(cfg.flatfield, width=source.width)
+            self.flatfield = FlatField(offset=offset, gain=gain)
         self.frames: queue.Queue[Any] = queue.Queue(maxsize=cfg.queue_frames)
         self.results: queue.Queue[Any] = queue.Queue(maxsize=cfg.queue_results)
         self.publisher = Publisher(
@@ -264,7 +269,7 @@ class Daemon:
     def _score(self, frame: Frame) -> Scored | None:
         fs = self.frame_scorer
         t0 = time.perf_counter()
-        pixels = frame.pixels  # flat-field and scale come with calibration (identity until then)
+        pixels = frame.pixels if self.flatfield is None else self.flatfield.apply(frame.pixels)
         t1 = time.perf_counter()
         try:
             feats = fs.features(pixels)

@@ -220,3 +220,41 @@ def random_defects(
                 out.append(PlantedDefect(kind=kind, line=line, col=col, size=size, seed=int(rng.integers(1 << 30))))
                 break
     return out
+
+
+@dataclass(frozen=True)
+class LineCamera:
+    """A line camera's fixed pattern: per-column gain (PRNU) and dark offset (DSNU), plus
+    temporal noise. ``capture`` turns scene radiance (float, grey levels of an ideal camera)
+    into the uint8 lines this camera would deliver."""
+
+    gain: np.ndarray
+    offset: np.ndarray
+    noise: float
+
+    @classmethod
+    def random(
+        cls,
+        *,
+        width: int,
+        seed: int,
+        gain_noise: float = 0.06,
+        offset: float = 10.0,
+        offset_noise: float = 2.0,
+        noise: float = 1.0,
+    ) -> LineCamera:
+        rng = np.random.default_rng([seed, 0xCA])
+        gain = 1.0 + gain_noise * rng.standard_normal(width)
+        dark = offset + offset_noise * rng.standard_normal(width)
+        return cls(gain=gain.astype(np.float32), offset=dark.astype(np.float32), noise=noise)
+
+    def capture(self, radiance: np.ndarray, *, seed: int) -> np.ndarray:
+        rng = np.random.default_rng([seed, 0xCB])
+        raw = radiance * self.gain[None, :] + self.offset[None, :]
+        raw = raw + self.noise * rng.standard_normal(raw.shape)
+        return np.clip(np.rint(raw), 0, 255).astype(np.uint8)
+
+
+def uniform_target(strip: SyntheticStrip, *, lines: int, level: float) -> np.ndarray:
+    """Radiance of a uniform white target under the strip's line lamp (its vignetting)."""
+    return np.broadcast_to(level * strip._vignette[None, :], (lines, strip.width)).astype(np.float32)

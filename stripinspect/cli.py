@@ -11,6 +11,8 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from pipeline.config import Config, ConfigError, load_config
 from pipeline.errors import StripinspectError
 
@@ -188,6 +190,29 @@ def cmd_reject_sim(args: argparse.Namespace) -> int:
     return 0 if not late and not report.gaps else 3
 
 
+def _line_stack(path: Path) -> np.ndarray:
+    from pipeline.images import list_images, read_image
+
+    files = list_images(path) if path.is_dir() else [path]
+    if not files:
+        raise ConfigError(f"{path}: no reference images")
+    return np.concatenate([read_image(f, 1)[:, :, 0] for f in files])
+
+
+def cmd_calibrate_flatfield(args: argparse.Namespace) -> int:
+    from calibration.flatfield import compute_flatfield, write_flatfield
+
+    dark, white = _line_stack(args.dark), _line_stack(args.white)
+    offset, gain, report = compute_flatfield(dark, white, max_noise=args.max_noise)
+    path = write_flatfield(args.out, offset, gain, report, dark, white)
+    print(
+        f"flat-field {path}: {report.lines_dark} dark and {report.lines_white} white lines, column profile CV "
+        f"{100 * report.profile_cv_before:.2f} % -> {100 * report.profile_cv_after:.2f} %; report "
+        f"{args.out / 'flatfield.json'}, plot {args.out / 'flatfield.png'}"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="stripinspect", description="Steel strip surface inspection (PatchCore).")
     sub = p.add_subparsers(dest="command", required=True)
@@ -237,6 +262,15 @@ def build_parser() -> argparse.ArgumentParser:
     rj.add_argument("--lead", type=float, default=0.02, help="actuator needs the command this early, s")
     rj.add_argument("--seconds", type=float, default=None, help="stop after this long")
     rj.set_defaults(func=cmd_reject_sim)
+
+    cal = sub.add_parser("calibrate", help="measure the camera: flat-field (scale and thresholds to come)")
+    cal_sub = cal.add_subparsers(dest="step", required=True)
+    ffp = cal_sub.add_parser("flatfield", help="per-column offset and gain from dark and white references")
+    ffp.add_argument("--dark", type=Path, required=True, help="image file or folder, lens capped")
+    ffp.add_argument("--white", type=Path, required=True, help="image file or folder, uniform target at ~half scale")
+    ffp.add_argument("--out", type=Path, required=True, help="folder for flatfield.npz, .json and .png")
+    ffp.add_argument("--max-noise", type=float, default=0.05, help="largest temporal noise / signal per column")
+    ffp.set_defaults(func=cmd_calibrate_flatfield)
 
     d = sub.add_parser("demo", help="synthetic strip end to end: export, fit, score frames with defects")
     with_config(d)

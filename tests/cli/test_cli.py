@@ -85,3 +85,81 @@ def test_export_then_fit_then_evaluate(
     )
     printed = json.loads(capsys.readouterr().out)
     assert printed["images"] == 8 and printed["image_auroc"] >= 0.9
+
+
+def test_calibrate_flatfield_then_daemon_applies_it(
+    tmp_path: Path, strip_bundle: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import cv2
+    import numpy as np
+    import zmq
+
+    from pipeline.config import DaemonConfig, RuntimeConfig, ScoringConfig, SourceConfig
+    from pipeline.daemon import Daemon
+    from pipeline.sources import SyntheticSource
+    from pipeline.synthetic import LineCamera, SyntheticStrip, uniform_target
+
+    strip = SyntheticStrip(width=256, seed=3)
+    cam = LineCamera.random(width=256, seed=5)
+    (tmp_path / "dark").mkdir()
+    for k in range(2):
+        cv2.imwrite(str(tmp_path / "dark" / f"{k}.png"), cam.capture(np.zeros((64, 256), np.float32), seed=k))
+    cv2.imwrite(str(tmp_path / "white.png"), cam.capture(uniform_target(strip, lines=128, level=120), seed=7))
+    assert (
+        main(
+            [
+                "calibrate",
+                "flatfield",
+                "--dark",
+                str(tmp_path / "dark"),
+                "--white",
+                str(tmp_path / "white.png"),
+                "--out",
+                str(tmp_path / "ff"),
+            ]
+        )
+        == 0
+    )
+    assert "column profile CV" in capsys.readouterr().out
+    report = json.loads((tmp_path / "ff" / "flatfield.json").read_text())
+    assert report["lines_dark"] == 128 and report["profile_cv_after"] <= 0.01
+    # too few lines: refused with one line
+    assert (
+        main(
+            [
+                "calibrate",
+                "flatfield",
+                "--dark",
+                str(tmp_path / "white.png"),
+                "--white",
+                str(tmp_path / "dark" / "0.png"),
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
+        == 2
+    )
+    src = SourceConfig(block_lines=128, strip_lines=1024, first_line=0)
+    cfg = DaemonConfig(
+        bundle=strip_bundle,
+        frame_lines=512,
+        overlap_lines=128,
+        threshold=1e9,
+        flatfield=tmp_path / "ff" / "flatfield.npz",
+        pub_endpoint="tcp://127.0.0.1:*",
+        control_endpoint="tcp://127.0.0.1:*",
+        source=src,
+    )
+    ctx = zmq.Context()
+    d = Daemon(
+        cfg=cfg,
+        runtime=RuntimeConfig(),
+        scoring=ScoringConfig(),
+        source=SyntheticSource(cfg=src, width=256, seed=3, frame_lines=512),
+        context=ctx,
+    )
+    assert d.flatfield is not None
+    d.run_until_done()
+    ctx.term()
+    s = d.stats.snapshot()
+    assert s["counts"]["frames_scored_total"] >= 2 and "preprocess" in s["latency_seconds"]
