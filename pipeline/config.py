@@ -220,6 +220,12 @@ class DaemonConfig(_Section):
     flatfield: Path | None = Field(
         default=None, description="Flat-field file from `stripinspect calibrate flatfield`; None = no correction."
     )
+    track_edges: bool = Field(
+        default=False,
+        description="Detect the strip edges in every frame, follow them, leave pixels beyond them "
+        "unscored and measure CD from the detected left edge (strip_edge_px is the fallback).",
+    )
+    max_edge_jump_px: float = Field(default=16.0, gt=0, description="Largest edge movement accepted per frame.")
     strip_edge_px: float = Field(
         default=0.0,
         ge=0,

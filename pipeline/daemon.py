@@ -22,6 +22,7 @@ import zmq
 
 from pipeline.config import DaemonConfig, RuntimeConfig, ScoringConfig
 from pipeline.defects import extract_defects
+from pipeline.edges import EdgeTracker, detect_edges, mask_outside
 from pipeline.errors import StripinspectError
 from pipeline.flatfield import FlatField, load_flatfield
 from pipeline.framescore import FrameScorer
@@ -47,6 +48,7 @@ class Scored:
     max_score: float
     seconds: dict[str, float]
     score_map: np.ndarray | None = None  # valid rows, only when maps are published
+    edges: tuple[float, float] | None = None  # detected strip edges (columns), when tracked
 
 
 @dataclass
@@ -126,6 +128,7 @@ class Daemon:
         )
         if source.width % 16:
             raise StripinspectError(f"camera width {source.width} must be a multiple of 16")
+        self.edge_tracker = EdgeTracker(max_jump_px=cfg.max_edge_jump_px)
         self.flatfield: FlatField | None = None
         if cfg.flatfield is not None:
             offset, gain = load_flatfield(cfg.flatfield, width=source.width)
@@ -280,23 +283,32 @@ class Daemon:
             log.warning("frame %d skipped: %s", frame.frame_id, err)
             return None
         t3 = time.perf_counter()
+        amap = result.anomaly_map
+        left = self.cfg.strip_edge_px
+        edges = None
+        if self.cfg.track_edges:
+            edges = self.edge_tracker.update(detect_edges(pixels))
+            if edges is not None:
+                amap = mask_outside(amap, edges)
+                left = edges[0]
         defects = extract_defects(
-            result.anomaly_map,
+            amap,
             frame=frame,
             threshold=self.threshold,
             min_area_px=self.cfg.min_area_px,
             mm_per_px=self.cfg.mm_per_px,
             mm_per_line=self.cfg.mm_per_line,
-            strip_left_px=self.cfg.strip_edge_px,
+            strip_left_px=left,
         )
         t4 = time.perf_counter()
-        valid = result.anomaly_map[frame.valid_from : frame.valid_to]
+        valid = amap[frame.valid_from : frame.valid_to]
         self.stats.count("frames_scored_total")
         return Scored(
             frame=frame,
             defects=defects,
             max_score=float(valid.max()),
             score_map=valid if self.cfg.publish_maps else None,
+            edges=edges,
             seconds={"preprocess": t1 - t0, "embed": t2 - t1, "knn_map": t3 - t2, "defects": t4 - t3},
         )
 
@@ -338,6 +350,7 @@ class Daemon:
                     "max_score": item.max_score,
                     "defects": len(item.defects),
                     "threshold": self.threshold,
+                    "strip_edges_px": None if item.edges is None else [round(e, 2) for e in item.edges],
                 },
                 parts,
             )

@@ -32,7 +32,7 @@ def _threshold(bundle: Path) -> float:
 
 
 def _run(
-    bundle: Path, threshold: float, source_cfg: SourceConfig, mm_per_line: float = MM_LINE
+    bundle: Path, threshold: float, source_cfg: SourceConfig, mm_per_line: float = MM_LINE, track_edges: bool = False
 ) -> tuple[list[dict], object, SyntheticSource, dict]:
     cfg = DaemonConfig(
         bundle=bundle,
@@ -45,6 +45,7 @@ def _run(
         pub_endpoint="tcp://127.0.0.1:*",
         control_endpoint="tcp://127.0.0.1:*",
         heartbeat_s=0.2,
+        track_edges=track_edges,
         queue_frames=1000,
         source=source_cfg,
     )
@@ -263,3 +264,25 @@ def test_no_threshold_anywhere_is_a_start_up_error(strip_bundle: Path) -> None:
             scoring=ScoringConfig(),
             source=SyntheticSource(cfg=src, width=WIDTH, seed=3, frame_lines=1024),
         )
+
+
+def test_cd_is_measured_from_the_tracked_strip_edge(strip_bundle: Path) -> None:
+    threshold = _threshold(strip_bundle)
+    step = FRAME - OVERLAP
+    src = SourceConfig(block_lines=128, strip_lines=OVERLAP + 12 * step, first_line=140_000, defects_per_100_frames=150)
+    alerts, report, source, _ = _run(strip_bundle, threshold, src, track_edges=True)
+    strip = SyntheticStrip(width=WIDTH, seed=3)
+    checked = total = 0
+    for d in source.planted:
+        if d.line >= 140_000 + OVERLAP + 12 * step - OVERLAP // 2 - 40:
+            continue
+        if d.kind == "edge_crack":
+            continue
+        left = float(strip.edges(np.array([d.line], dtype=np.float64))[0][0])
+        md, cd = d.line * MM_LINE / 1000, (d.col - left) * MM_PX
+        # 2.5 mm: tighter than the ~5 mm between the image edge and the strip edge, so CD
+        # measured from the image edge would fail here.
+        hits = [a for a in alerts if abs(a["md_m"] - md) <= OVERLAP * MM_LINE / 1000 and abs(a["cd_mm"] - cd) <= 2.5]
+        checked += bool(hits)
+        total += 1
+    assert total >= 5 and checked >= 0.9 * total and report.gaps == []
