@@ -213,6 +213,26 @@ def cmd_calibrate_flatfield(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate_scale(args: argparse.Namespace) -> int:
+    from calibration.scale import calibrate_scale
+    from pipeline.images import read_image
+
+    try:
+        result = calibrate_scale(
+            target=read_image(args.target, 1) if args.target else None,
+            target_width_mm=args.target_width_mm,
+            mm_per_pulse=args.mm_per_pulse,
+            divider=args.divider,
+            line_rate_hz=args.line_rate,
+            speed_m_per_min=args.speed,
+            out_dir=args.out,
+        )
+    except ValueError as err:
+        raise ConfigError(f"calibrate scale: {err}") from None
+    print(json.dumps(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="stripinspect", description="Steel strip surface inspection (PatchCore).")
     sub = p.add_subparsers(dest="command", required=True)
@@ -271,6 +291,16 @@ def build_parser() -> argparse.ArgumentParser:
     ffp.add_argument("--out", type=Path, required=True, help="folder for flatfield.npz, .json and .png")
     ffp.add_argument("--max-noise", type=float, default=0.05, help="largest temporal noise / signal per column")
     ffp.set_defaults(func=cmd_calibrate_flatfield)
+
+    sc = cal_sub.add_parser("scale", help="mm per pixel (target of known width) and mm per line")
+    sc.add_argument("--target", type=Path, default=None, help="frame showing a bright target of known width")
+    sc.add_argument("--target-width-mm", type=float, default=None)
+    sc.add_argument("--mm-per-pulse", type=float, default=None, help="encoder: strip travel per pulse")
+    sc.add_argument("--divider", type=int, default=None, help="encoder pulses per camera line")
+    sc.add_argument("--line-rate", type=float, default=None, help="free-running camera: lines per second")
+    sc.add_argument("--speed", type=float, default=None, help="free-running camera: line speed, m/min")
+    sc.add_argument("--out", type=Path, required=True, help="folder for scale.json and scale.png")
+    sc.set_defaults(func=cmd_calibrate_scale)
 
     d = sub.add_parser("demo", help="synthetic strip end to end: export, fit, score frames with defects")
     with_config(d)

@@ -163,3 +163,38 @@ def test_calibrate_flatfield_then_daemon_applies_it(
     ctx.term()
     s = d.stats.snapshot()
     assert s["counts"]["frames_scored_total"] >= 2 and "preprocess" in s["latency_seconds"]
+
+
+def test_calibrate_scale(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import cv2
+    import numpy as np
+
+    frame = np.full((32, 600), 20, np.uint8)
+    frame[:, 150:450] = 210  # a 300 px wide target
+    cv2.imwrite(str(tmp_path / "t.png"), frame)
+    assert (
+        main(
+            [
+                "calibrate",
+                "scale",
+                "--target",
+                str(tmp_path / "t.png"),
+                "--target-width-mm",
+                "150",
+                "--mm-per-pulse",
+                "0.1",
+                "--divider",
+                "5",
+                "--out",
+                str(tmp_path / "s"),
+            ]
+        )
+        == 0
+    )
+    result = json.loads(capsys.readouterr().out)
+    assert result["mm_per_px"] == pytest.approx(0.5, rel=0.01) and result["mm_per_line"] == pytest.approx(0.5)
+    png = cv2.imread(str(tmp_path / "s" / "scale.png"))
+    assert png is not None
+    red = np.flatnonzero(((png[:, :, 2] > 200) & (png[:, :, 1] < 50)).any(axis=0))
+    assert abs(red.min() - 149.5) <= 1.5 and abs(red.max() - 449.5) <= 1.5  # the edges are drawn where found
+    assert main(["calibrate", "scale", "--line-rate", "1000", "--out", str(tmp_path / "s")]) == 2

@@ -1,0 +1,56 @@
+"""Spatial scale: mm per pixel across the strip and mm per line along it, with a report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from pipeline.edges import detect_edges, mm_per_line_from_encoder, mm_per_line_from_speed
+
+
+def calibrate_scale(
+    *,
+    target: np.ndarray | None,
+    target_width_mm: float | None,
+    mm_per_pulse: float | None,
+    divider: int | None,
+    line_rate_hz: float | None,
+    speed_m_per_min: float | None,
+    out_dir: Path,
+) -> dict[str, float | None]:
+    """Writes scale.json (and scale.png with the target's column profile and detected edges)."""
+    result: dict[str, float | None] = {"mm_per_px": None, "mm_per_line": None}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if target is not None:
+        if target_width_mm is None or target_width_mm <= 0:
+            raise ValueError("a target image needs its width in mm (> 0)")
+        edges = detect_edges(target, min_width_px=4)
+        if edges is None:
+            raise ValueError("no bright target with contrast found in the image")
+        result["mm_per_px"] = target_width_mm / (edges[1] - edges[0])
+        result["target_left_px"], result["target_right_px"] = edges
+        profile = target.reshape(target.shape[0], target.shape[1], -1).mean(axis=(0, 2))
+        cv2.imwrite(str(out_dir / "scale.png"), _profile_plot(profile, edges))
+    if mm_per_pulse is not None or divider is not None:
+        if mm_per_pulse is None or divider is None:
+            raise ValueError("encoder scale needs both mm per pulse and the divider")
+        result["mm_per_line"] = mm_per_line_from_encoder(mm_per_pulse=mm_per_pulse, divider=divider)
+    elif line_rate_hz is not None or speed_m_per_min is not None:
+        if line_rate_hz is None or speed_m_per_min is None:
+            raise ValueError("free-running scale needs both the line rate and the line speed")
+        result["mm_per_line"] = mm_per_line_from_speed(line_rate_hz=line_rate_hz, speed_m_per_min=speed_m_per_min)
+    (out_dir / "scale.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    return result
+
+
+def _profile_plot(profile: np.ndarray, edges: tuple[float, float], height: int = 200) -> np.ndarray:
+    width = profile.size
+    img = np.full((height, max(width, 64), 3), 255, np.uint8)
+    y = (height - 1 - np.clip(profile, 0, 255) / 255.0 * (height - 1)).astype(np.int32)
+    cv2.polylines(img, [np.stack([np.arange(width), y], axis=1).astype(np.int32)], False, (0, 0, 0), 1)
+    for e in edges:
+        cv2.line(img, (round(e), 0), (round(e), height - 1), (0, 0, 220), 1)
+    return img
