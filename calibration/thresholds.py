@@ -3,11 +3,22 @@ with a false-alarm budget come with the calibration issue)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import datetime as dt
+import json
+import math
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 
+import cv2
 import numpy as np
 
+from calibration.bands import band_edges, calibrate_bands, plot_curves
+from pipeline.bundle import BandThresholds, read_manifest, write_manifest
+from pipeline.flatfield import FlatField
 from pipeline.framescore import FrameScorer
+from pipeline.linescan import LineAssembler
+from pipeline.messages import LineBlock
+from pipeline.synthetic import SyntheticStrip
 
 
 def threshold_above_normal(scorer: FrameScorer, frames: Iterable[np.ndarray], *, factor: float = 1.1) -> float:
@@ -18,3 +29,81 @@ def threshold_above_normal(scorer: FrameScorer, frames: Iterable[np.ndarray], *,
     if not peaks:
         raise ValueError("no normal frames given")
     return factor * max(peaks)
+
+
+def normal_maps_from_strip(
+    scorer: FrameScorer,
+    frames: Iterable[tuple[np.ndarray, int, int]],
+    *,
+    flatfield: FlatField | None = None,
+) -> list[np.ndarray]:
+    """Score maps of the valid rows of normal frames given as (pixels, valid_from, valid_to)."""
+    maps = []
+    for pixels, v0, v1 in frames:
+        if flatfield is not None:
+            pixels = flatfield.apply(pixels)
+        maps.append(scorer.score(pixels).anomaly_map[v0:v1])
+    return maps
+
+
+def synthetic_normal_frames(
+    strip: SyntheticStrip, *, first_line: int, frames: int, frame_lines: int, overlap: int
+) -> Iterator[tuple[np.ndarray, int, int]]:
+    """Defect-free frames of the synthetic strip, assembled as the daemon assembles them."""
+    asm = LineAssembler(
+        width=strip.width, channels=1, lines=frame_lines, overlap=overlap, mm_per_line=1.0, camera_id="calibration"
+    )
+    step = frame_lines - overlap
+    line = first_line
+    emitted = 0
+    while emitted < frames:
+        px, _ = strip.render(line, step if line > first_line else frame_lines)
+        for f in asm.push(LineBlock(pixels=px, first_line=line, capture_time=0.0)):
+            # Every frame owns the rows away from the overlap (the first one too, here).
+            yield f.pixels, overlap // 2, frame_lines - overlap // 2
+            emitted += 1
+            if emitted == frames:
+                return
+        line += px.shape[0]
+
+
+def calibrate_thresholds(
+    *,
+    bundle: Path,
+    maps: list[np.ndarray],
+    metres: float,
+    n_bands: int,
+    target_per_km: float,
+    min_area_mm2: float,
+    mm_per_px: float,
+    mm_per_line: float,
+    calibrated_on: str,
+    out_dir: Path,
+) -> BandThresholds:
+    """Per-band thresholds into the bundle's manifest, report JSON and PNG into ``out_dir``."""
+    min_area_px = max(1, math.ceil(min_area_mm2 / (mm_per_px * mm_per_line)))
+    width = maps[0].shape[1]
+    cal = calibrate_bands(
+        maps, edges=band_edges(width, n_bands), metres=metres, target_per_km=target_per_km, min_area_px=min_area_px
+    )
+    result = BandThresholds(
+        band_edges_px=cal.edges,
+        thresholds=cal.thresholds,
+        min_area_mm2=min_area_mm2,
+        target_alarms_per_km=target_per_km,
+        calibration_alarms_per_km=cal.alarms_per_km,
+        normal_quantiles=cal.quantiles,
+        calibrated_on=calibrated_on,
+        metres=metres,
+        created_utc=dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    )
+    manifest = read_manifest(bundle)
+    write_manifest(bundle, manifest.model_copy(update={"band_thresholds": result}))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "thresholds.json").write_text(
+        json.dumps({**result.model_dump(mode="json"), "min_area_px": min_area_px, "curves": cal.curves}, indent=2)
+        + "\n",
+        encoding="utf-8",
+    )
+    cv2.imwrite(str(out_dir / "thresholds.png"), plot_curves(cal, target_per_km / n_bands))
+    return result

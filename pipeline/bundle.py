@@ -81,6 +81,20 @@ class FittedOn(_Frozen):
     fit_seconds: float = Field(ge=0)
 
 
+class BandThresholds(_Frozen):
+    """Per-CD-band pixel thresholds from `stripinspect calibrate thresholds`, with provenance."""
+
+    band_edges_px: list[int] = Field(min_length=2, description="Column edges of the bands, left to right.")
+    thresholds: list[float] = Field(min_length=1, description="Pixel threshold of each band.")
+    min_area_mm2: float = Field(gt=0, description="Smallest region that counts as an alarm.")
+    target_alarms_per_km: float = Field(gt=0)
+    calibration_alarms_per_km: list[float] = Field(description="Rate of each band on the calibration run.")
+    normal_quantiles: dict[str, list[float]] = Field(description="q0.99, q0.999, max of normal pixels per band.")
+    calibrated_on: str
+    metres: float = Field(gt=0)
+    created_utc: str
+
+
 class Manifest(_Frozen):
     schema_version: int
     created_utc: str
@@ -90,6 +104,7 @@ class Manifest(_Frozen):
     coreset: CoresetSpec
     fitted_on: FittedOn
     thresholds: dict[str, float] | None = None
+    band_thresholds: BandThresholds | None = None
     files: dict[str, str] = Field(description="sha256 of every other file of the bundle.")
 
 

@@ -116,7 +116,7 @@ class Daemon:
                 f"{self.frame_scorer.scorer.channels}"
             )
         self._pending: FrameScorer | None = None
-        self._pending_threshold: float | None = None
+        self._pending_threshold: float | np.ndarray | None = None
         self._swap_lock = threading.Lock()
         self.assembler = LineAssembler(
             width=source.width,
@@ -153,15 +153,33 @@ class Daemon:
         self._last_scored = 0
         self.threshold = self._threshold_for(self.frame_scorer)
 
-    def _threshold_for(self, fs: FrameScorer) -> float:
+    def _threshold_for(self, fs: FrameScorer) -> float | np.ndarray:
+        """Config threshold, else the bundle's per-band thresholds (per column), else its pixel one."""
         if self.cfg.threshold is not None:
             return self.cfg.threshold
+        bands = fs.scorer.manifest.band_thresholds
+        if bands is not None:
+            if bands.band_edges_px[-1] != self.source.width:
+                raise StripinspectError(
+                    f"{self.cfg.bundle}: thresholds calibrated for {bands.band_edges_px[-1]} columns, "
+                    f"camera has {self.source.width}"
+                )
+            cols = np.empty(self.source.width, dtype=np.float32)
+            for e0, e1, t in zip(bands.band_edges_px[:-1], bands.band_edges_px[1:], bands.thresholds, strict=True):
+                cols[e0:e1] = t
+            return cols
         stored = (fs.scorer.manifest.thresholds or {}).get("pixel")
         if stored is None or not stored > 0:
             raise StripinspectError(
                 f"{self.cfg.bundle}: no pixel threshold: set daemon.threshold or calibrate the bundle"
             )
         return float(stored)
+
+    def _threshold_json(self) -> float | list[float]:
+        t = self.threshold
+        if isinstance(t, np.ndarray):
+            return [float(v) for v in dict.fromkeys(t.tolist())]  # one value per band, left to right
+        return float(t)
 
     def _load(self, bundle: Path) -> FrameScorer:
         scorer = PatchCoreScorer.open(bundle, runtime=self.runtime, scoring=self.scoring)
@@ -349,7 +367,7 @@ class Daemon:
                     "valid_rows": [f.valid_from, f.valid_to],
                     "max_score": item.max_score,
                     "defects": len(item.defects),
-                    "threshold": self.threshold,
+                    "threshold": self._threshold_json(),
                     "strip_edges_px": None if item.edges is None else [round(e, 2) for e in item.edges],
                 },
                 parts,
@@ -371,7 +389,7 @@ class Daemon:
             self._last_scored = scored
         self.publisher.send(
             "heartbeat",
-            {"state": self.state, "frame_id": None, "capture_time": None, "threshold": self.threshold, **snap},
+            {"state": self.state, "frame_id": None, "capture_time": None, "threshold": self._threshold_json(), **snap},
         )
 
     def _control_loop(self) -> None:

@@ -12,18 +12,19 @@ def extract_defects(
     score_map: np.ndarray,
     *,
     frame: Frame,
-    threshold: float,
+    threshold: float | np.ndarray,
     min_area_px: int,
     mm_per_px: float,
     mm_per_line: float,
     strip_left_px: float = 0.0,
 ) -> list[Defect]:
-    """Regions of ``score_map`` (lines, width) above ``threshold`` whose centre lies in the
-    frame's valid rows; a region in the overlap belongs to the neighbour that owns its centre,
-    so each defect is reported once."""
+    """Regions of ``score_map`` (lines, width) above ``threshold`` (one value, or one per column
+    for CD bands) whose centre lies in the frame's valid rows; a region in the overlap belongs
+    to the neighbour that owns its centre, so each defect is reported once."""
     if score_map.ndim != 2 or score_map.shape[0] != frame.pixels.shape[0]:
         raise ValueError(f"score map {score_map.shape} does not match frame {frame.pixels.shape}")
-    hot = (score_map > threshold).astype(np.uint8)
+    per_col = np.broadcast_to(np.asarray(threshold, dtype=np.float32), (score_map.shape[1],))
+    hot = (score_map > per_col[None, :]).astype(np.uint8)
     n, labels, stats, centroids = cv2.connectedComponentsWithStats(hot, connectivity=8)
     out = []
     for k in range(1, n):
@@ -40,7 +41,7 @@ def extract_defects(
                 area_px=area,
                 max_score=float(scores.max()),
                 mean_score=float(scores.mean()),
-                threshold=float(threshold),
+                threshold=float(per_col[min(int(cx), per_col.size - 1)]),
                 md_m=frame.md_m + cy * mm_per_line / 1000.0,
                 cd_mm=(cx - strip_left_px) * mm_per_px,
                 length_mm=h * mm_per_line,

@@ -1,0 +1,94 @@
+"""Per-band thresholds from normal strip only hold the false-alarm budget on held-out strip."""
+
+import json
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from calibration.bands import band_edges, per_column
+from calibration.thresholds import calibrate_thresholds, normal_maps_from_strip, synthetic_normal_frames
+from pipeline.config import DaemonConfig, RuntimeConfig, ScoringConfig, SourceConfig
+from pipeline.daemon import Daemon
+from pipeline.defects import extract_defects
+from pipeline.framescore import FrameScorer
+from pipeline.messages import Frame
+from pipeline.patchcore import PatchCoreScorer
+from pipeline.sources import SyntheticSource
+from pipeline.synthetic import SyntheticStrip
+
+FRAME, OVERLAP, MM_PX, MM_LINE = 768, 384, 0.5, 5.0
+TARGET = 1000.0  # alarms per km: high enough to measure on a test-sized run (about 75 alarms)
+
+
+def test_bands_are_equal_and_cover_the_width() -> None:
+    assert band_edges(256, 4) == [0, 64, 128, 192, 256]
+    np.testing.assert_array_equal(per_column([0, 2, 5], [1.0, 3.0]), [1, 1, 3, 3, 3])
+
+
+def test_calibrated_rate_holds_on_held_out_strip(strip_bundle: Path, tmp_path: Path) -> None:
+    bundle = tmp_path / "b"
+    shutil.copytree(strip_bundle, bundle)
+    fs = FrameScorer(
+        scorer=PatchCoreScorer.open(bundle, runtime=RuntimeConfig(), scoring=ScoringConfig()), tile=None, margin=0
+    )
+    strip = SyntheticStrip(width=256, seed=3)
+
+    def run(first_line: int) -> list[np.ndarray]:
+        frames = synthetic_normal_frames(strip, first_line=first_line, frames=40, frame_lines=FRAME, overlap=OVERLAP)
+        return normal_maps_from_strip(fs, frames)
+
+    cal_maps = run(400_000)
+    metres = sum(m.shape[0] for m in cal_maps) * MM_LINE / 1000
+    result = calibrate_thresholds(
+        bundle=bundle,
+        maps=cal_maps,
+        metres=metres,
+        n_bands=4,
+        target_per_km=TARGET,
+        min_area_mm2=5.0,
+        mm_per_px=MM_PX,
+        mm_per_line=MM_LINE,
+        calibrated_on="synthetic seed 3 lines 400000+",
+        out_dir=tmp_path / "report",
+    )
+    assert len(result.thresholds) == 4 and metres > 70
+    # Held-out normal strip, alarms counted exactly as the daemon counts them.
+    held = run(900_000)
+    cols = per_column(result.band_edges_px, result.thresholds)
+    alarms = 0
+    for m in held:
+        frame = Frame(
+            frame_id=0,
+            camera_id="c",
+            pixels=np.zeros((m.shape[0], 256, 1), np.uint8),
+            first_line=0,
+            valid_from=0,
+            valid_to=m.shape[0],
+            capture_time=0.0,
+            md_m=0.0,
+        )
+        alarms += len(
+            extract_defects(m, frame=frame, threshold=cols, min_area_px=2, mm_per_px=MM_PX, mm_per_line=MM_LINE)
+        )
+    held_metres = sum(m.shape[0] for m in held) * MM_LINE / 1000
+    rate = alarms / held_metres * 1000
+    assert TARGET / 2 <= rate <= 2 * TARGET, f"{alarms} alarms on {held_metres:.0f} m = {rate:.0f}/km"
+    report = json.loads((tmp_path / "report" / "thresholds.json").read_text())
+    assert report["thresholds"] == result.thresholds and report["min_area_px"] == 2
+    png = cv2.imread(str(tmp_path / "report" / "thresholds.png"))
+    assert png is not None and (png.std(axis=2) > 40).sum() > 200  # coloured curves were drawn
+    # The daemon takes the bands from the bundle when the config sets no threshold.
+    src = SourceConfig(strip_lines=10)
+    d = Daemon(
+        cfg=DaemonConfig(
+            bundle=bundle, pub_endpoint="tcp://127.0.0.1:*", control_endpoint="tcp://127.0.0.1:*", source=src
+        ),
+        runtime=RuntimeConfig(),
+        scoring=ScoringConfig(),
+        source=SyntheticSource(cfg=src, width=256, seed=3, frame_lines=1024),
+    )
+    assert d._threshold_json() == pytest.approx(result.thresholds, rel=1e-6)
+    d.join(1)
