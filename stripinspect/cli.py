@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -233,6 +234,61 @@ def cmd_calibrate_scale(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate_thresholds(args: argparse.Namespace) -> int:
+    from calibration.thresholds import calibrate_thresholds, normal_maps_from_strip, synthetic_normal_frames
+    from pipeline.flatfield import FlatField, load_flatfield
+    from pipeline.framescore import FrameScorer
+    from pipeline.images import list_images, read_image
+    from pipeline.patchcore import PatchCoreScorer
+    from pipeline.synthetic import SyntheticStrip
+
+    cfg = _config(args.config)
+    d = cfg.daemon
+    fs = FrameScorer(
+        scorer=PatchCoreScorer.open(args.bundle, runtime=cfg.runtime, scoring=cfg.scoring),
+        tile=d.tile,
+        margin=d.tile_margin,
+    )
+    if args.data is not None:
+        files = list_images(args.data)
+        if not files:
+            raise ConfigError(f"{args.data}: no normal images")
+        images = [read_image(f, fs.scorer.channels) for f in files]
+        frames: Iterable[tuple[np.ndarray, int, int]] = ((im, 0, im.shape[0]) for im in images)
+        width = images[0].shape[1]
+        source = f"folder {args.data} ({len(files)} images)"
+    else:
+        strip = SyntheticStrip(width=cfg.synthetic.width, seed=cfg.synthetic.seed)
+        frames = synthetic_normal_frames(
+            strip, first_line=args.first_line, frames=args.frames, frame_lines=d.frame_lines, overlap=d.overlap_lines
+        )
+        source = f"synthetic strip seed {cfg.synthetic.seed}, {args.frames} frames from line {args.first_line}"
+        width = cfg.synthetic.width
+    ff = None
+    if d.flatfield is not None:
+        offset, gain = load_flatfield(d.flatfield, width=width)
+        ff = FlatField(offset=offset, gain=gain)
+    maps = normal_maps_from_strip(fs, frames, flatfield=ff)
+    metres = sum(m.shape[0] for m in maps) * d.mm_per_line / 1000
+    result = calibrate_thresholds(
+        bundle=args.bundle,
+        maps=maps,
+        metres=metres,
+        n_bands=args.bands,
+        target_per_km=args.alarms_per_km,
+        min_area_mm2=args.min_area_mm2,
+        mm_per_px=d.mm_per_px,
+        mm_per_line=d.mm_per_line,
+        calibrated_on=source,
+        out_dir=args.out,
+    )
+    print(
+        f"{metres:.1f} m of normal strip, {args.bands} bands: thresholds "
+        f"{', '.join(f'{t:.2f}' for t in result.thresholds)} written to {args.bundle}; report {args.out}"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="stripinspect", description="Steel strip surface inspection (PatchCore).")
     sub = p.add_subparsers(dest="command", required=True)
@@ -301,6 +357,18 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--speed", type=float, default=None, help="free-running camera: line speed, m/min")
     sc.add_argument("--out", type=Path, required=True, help="folder for scale.json and scale.png")
     sc.set_defaults(func=cmd_calibrate_scale)
+
+    th = cal_sub.add_parser("thresholds", help="per-band thresholds from normal strip for a false-alarm budget")
+    with_config(th)
+    th.add_argument("--bundle", type=Path, required=True, help="bundle to calibrate (its manifest is updated)")
+    th.add_argument("--data", type=Path, default=None, help="folder of normal frames (default: synthetic strip)")
+    th.add_argument("--frames", type=int, default=40, help="synthetic frames to run")
+    th.add_argument("--first-line", type=int, default=3_000_000, help="synthetic strip line to start at")
+    th.add_argument("--bands", type=int, default=4, help="CD bands")
+    th.add_argument("--alarms-per-km", type=float, required=True, help="false-alarm budget")
+    th.add_argument("--min-area-mm2", type=float, required=True, help="smallest defect")
+    th.add_argument("--out", type=Path, required=True, help="folder for thresholds.json and thresholds.png")
+    th.set_defaults(func=cmd_calibrate_thresholds)
 
     d = sub.add_parser("demo", help="synthetic strip end to end: export, fit, score frames with defects")
     with_config(d)

@@ -198,3 +198,43 @@ def test_calibrate_scale(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     red = np.flatnonzero(((png[:, :, 2] > 200) & (png[:, :, 1] < 50)).any(axis=0))
     assert abs(red.min() - 149.5) <= 1.5 and abs(red.max() - 449.5) <= 1.5  # the edges are drawn where found
     assert main(["calibrate", "scale", "--line-rate", "1000", "--out", str(tmp_path / "s")]) == 2
+
+
+def test_calibrate_thresholds_writes_bands_into_the_bundle(
+    tmp_path: Path, strip_bundle: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    from pipeline.bundle import read_manifest
+
+    bundle = tmp_path / "b"
+    shutil.copytree(strip_bundle, bundle)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("synthetic:\n  width: 256\n  seed: 3\ndaemon:\n  frame_lines: 512\n  overlap_lines: 128\n")
+    assert (
+        main(
+            [
+                "calibrate",
+                "thresholds",
+                "--config",
+                str(cfg),
+                "--bundle",
+                str(bundle),
+                "--frames",
+                "6",
+                "--bands",
+                "2",
+                "--alarms-per-km",
+                "500",
+                "--min-area-mm2",
+                "1",
+                "--out",
+                str(tmp_path / "r"),
+            ]
+        )
+        == 0
+    )
+    assert "thresholds" in capsys.readouterr().out
+    bands = read_manifest(bundle).band_thresholds
+    assert bands is not None and bands.band_edges_px == [0, 128, 256] and len(bands.thresholds) == 2
+    assert "synthetic strip seed 3" in bands.calibrated_on and (tmp_path / "r" / "thresholds.png").is_file()
