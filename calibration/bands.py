@@ -39,7 +39,7 @@ class BandCalibration:
     edges: list[int]
     thresholds: list[float]
     alarms_per_km: list[float]  # measured on the calibration run at the chosen thresholds
-    quantiles: dict[str, list[float]]  # per band: q0.99, q0.999, max of normal pixel scores
+    quantiles: dict[str, list[float]]  # per band: q0.5, q0.99, q0.999, max of normal pixel scores
     curves: list[list[tuple[float, float]]]  # per band: (threshold, alarms per km)
 
 
@@ -58,12 +58,13 @@ def calibrate_bands(
     stack = np.concatenate(maps, axis=0)
     share = target_per_km / (len(edges) - 1)
     thresholds, rates, curves = [], [], []
-    quantiles: dict[str, list[float]] = {"q0.99": [], "q0.999": [], "max": []}
+    quantiles: dict[str, list[float]] = {"q0.5": [], "q0.99": [], "q0.999": [], "max": []}
     for e0, e1 in pairwise(edges):
         band = stack[:, e0:e1]
-        q = np.quantile(band, [0.99, 0.999])
-        quantiles["q0.99"].append(float(q[0]))
-        quantiles["q0.999"].append(float(q[1]))
+        q = np.quantile(band, [0.5, 0.99, 0.999])
+        quantiles["q0.5"].append(float(q[0]))
+        quantiles["q0.99"].append(float(q[1]))
+        quantiles["q0.999"].append(float(q[2]))
         quantiles["max"].append(float(band.max()))
 
         def rate_at(t: float, lo: int = e0, hi: int = e1) -> float:

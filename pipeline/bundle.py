@@ -89,7 +89,7 @@ class BandThresholds(_Frozen):
     min_area_mm2: float = Field(gt=0, description="Smallest region that counts as an alarm.")
     target_alarms_per_km: float = Field(gt=0)
     calibration_alarms_per_km: list[float] = Field(description="Rate of each band on the calibration run.")
-    normal_quantiles: dict[str, list[float]] = Field(description="q0.99, q0.999, max of normal pixels per band.")
+    normal_quantiles: dict[str, list[float]] = Field(description="q0.5, q0.99, q0.999, max of normal pixels per band.")
     calibrated_on: str
     metres: float = Field(gt=0)
     created_utc: str

@@ -247,6 +247,16 @@ class DaemonConfig(_Section):
     control_endpoint: str = Field(default="tcp://127.0.0.1:5556", description="ZeroMQ REP control endpoint.")
     send_hwm: int = Field(default=10_000, ge=1, description="PUB high-water mark (messages per subscriber).")
     heartbeat_s: float = Field(default=1.0, gt=0, le=60, description="Heartbeat period.")
+    drift_window_frames: int = Field(
+        default=100, ge=1, le=100_000, description="Frames in the rolling normal-score statistic."
+    )
+    drift_bound: float = Field(
+        default=0.25,
+        gt=0,
+        le=10,
+        description="Relative change of the rolling median score, against the calibration's, "
+        "that the heartbeat reports as drift (lamp ageing, a new grade).",
+    )
     metrics_port: int | None = Field(
         default=9108, ge=0, le=65535, description="Prometheus /metrics port; None disables it."
     )

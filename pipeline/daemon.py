@@ -151,6 +151,8 @@ class Daemon:
         self.state = "starting"
         self.failed: BaseException | None = None
         self._last_scored = 0
+        self._normal_median: deque[float] = deque(maxlen=cfg.drift_window_frames)
+        self._drifting = False
         self.threshold = self._threshold_for(self.frame_scorer)
 
     def _threshold_for(self, fs: FrameScorer) -> float | np.ndarray:
@@ -320,6 +322,7 @@ class Daemon:
         )
         t4 = time.perf_counter()
         valid = amap[frame.valid_from : frame.valid_to]
+        self._track_normal(valid)
         self.stats.count("frames_scored_total")
         return Scored(
             frame=frame,
@@ -329,6 +332,35 @@ class Daemon:
             edges=edges,
             seconds={"preprocess": t1 - t0, "embed": t2 - t1, "knn_map": t3 - t2, "defects": t4 - t3},
         )
+
+    def _track_normal(self, valid: np.ndarray) -> None:
+        # Median score of the frame on a 4x4 subsample: defects cover a tiny part of a frame, so
+        # this follows the normal surface; an ageing lamp or a new grade moves all of it.
+        with self.stats.lock:
+            self._normal_median.append(float(np.median(valid[::4, ::4])))
+
+    def drift(self) -> dict[str, Any]:
+        """Rolling median score of the normal surface against the calibration's (bundle quantiles)."""
+        with self.stats.lock:
+            values = list(self._normal_median)
+        rolling = float(np.median(values)) if values else None
+        bands = self.frame_scorer.scorer.manifest.band_thresholds
+        medians = bands.normal_quantiles.get("q0.5") if bands is not None else None
+        reference = float(np.mean(medians)) if medians else None
+        ratio = rolling / reference if rolling is not None and reference else None
+        drifting = ratio is not None and abs(ratio - 1.0) > self.cfg.drift_bound
+        if drifting != self._drifting:
+            self._drifting = drifting
+            if drifting:
+                log.warning("normal scores drifted: rolling median %.3f vs calibrated %.3f", rolling, reference)
+            else:
+                log.info("normal scores back within %.0f %% of calibration", 100 * self.cfg.drift_bound)
+        return {
+            "normal_median_rolling": rolling,
+            "normal_median_calibrated": reference,
+            "drift_ratio": ratio,
+            "drifting": drifting,
+        }
 
     def _publish_loop(self) -> None:
         next_beat = time.monotonic()
@@ -382,6 +414,8 @@ class Daemon:
 
     def _heartbeat(self) -> None:
         snap = self.stats.snapshot()
+        drift = self.drift()
+        state = "drift" if drift["drifting"] and self.state == "running" else self.state
         scored = snap["counts"].get("frames_scored_total", 0)
         if scored > self._last_scored:
             # The systemd watchdog is fed only while frames advance.
@@ -389,7 +423,14 @@ class Daemon:
             self._last_scored = scored
         self.publisher.send(
             "heartbeat",
-            {"state": self.state, "frame_id": None, "capture_time": None, "threshold": self._threshold_json(), **snap},
+            {
+                "state": state,
+                "frame_id": None,
+                "capture_time": None,
+                "threshold": self._threshold_json(),
+                "drift": drift,
+                **snap,
+            },
         )
 
     def _control_loop(self) -> None:
@@ -408,7 +449,7 @@ class Daemon:
 
     def _command(self, cmd: Any, req: dict[str, Any]) -> dict[str, Any]:
         if cmd == "status":
-            return {"ok": True, "state": self.state, **self.stats.snapshot()}
+            return {"ok": True, "state": self.state, "drift": self.drift(), **self.stats.snapshot()}
         if cmd == "stop":
             self.stop_event.set()
             return {"ok": True, "state": "stopping"}

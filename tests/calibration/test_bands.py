@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -92,3 +93,67 @@ def test_calibrated_rate_holds_on_held_out_strip(strip_bundle: Path, tmp_path: P
     )
     assert d._threshold_json() == pytest.approx(result.thresholds, rel=1e-6)
     d.join(1)
+
+
+def test_drift_is_reported_against_the_calibration(strip_bundle: Path, tmp_path: Path) -> None:
+    bundle = tmp_path / "b"
+    shutil.copytree(strip_bundle, bundle)
+    fs = FrameScorer(
+        scorer=PatchCoreScorer.open(bundle, runtime=RuntimeConfig(), scoring=ScoringConfig()), tile=None, margin=0
+    )
+    strip = SyntheticStrip(width=256, seed=3)
+    maps = normal_maps_from_strip(
+        fs, synthetic_normal_frames(strip, first_line=400_000, frames=12, frame_lines=FRAME, overlap=OVERLAP)
+    )
+    calibrate_thresholds(
+        bundle=bundle,
+        maps=maps,
+        metres=20.0,
+        n_bands=2,
+        target_per_km=100.0,
+        min_area_mm2=5.0,
+        mm_per_px=MM_PX,
+        mm_per_line=MM_LINE,
+        calibrated_on="test",
+        out_dir=tmp_path / "r",
+    )
+
+    class AgedLamp:
+        """The same strip under a lamp that lost 30 % of its light."""
+
+        def __init__(self, inner: SyntheticSource) -> None:
+            self.inner, self.width, self.channels = inner, inner.width, inner.channels
+
+        def read(self, timeout: float):  # type: ignore[no-untyped-def]
+            b = self.inner.read(timeout)
+            return None if b is None else replace(b, pixels=(b.pixels * 0.7).astype(np.uint8))
+
+        def close(self) -> None:
+            self.inner.close()
+
+    def run(seed: int, aged: bool = False) -> dict:
+        src = SourceConfig(block_lines=384, strip_lines=OVERLAP + 10 * (FRAME - OVERLAP), first_line=700_000)
+        cfg = DaemonConfig(
+            bundle=bundle,
+            frame_lines=FRAME,
+            overlap_lines=OVERLAP,
+            queue_frames=64,
+            drift_bound=0.03,  # scores move less than the light: a 30 % dimmer lamp raised them about 6 %
+            pub_endpoint="tcp://127.0.0.1:*",
+            control_endpoint="tcp://127.0.0.1:*",
+            source=src,
+        )
+        source = SyntheticSource(cfg=src, width=256, seed=seed, frame_lines=FRAME)
+        d = Daemon(
+            cfg=cfg,
+            runtime=RuntimeConfig(),
+            scoring=ScoringConfig(),
+            source=AgedLamp(source) if aged else source,
+        )
+        d.run_until_done()
+        return d.drift()
+
+    same = run(3)
+    assert same["drifting"] is False and abs(same["drift_ratio"] - 1) < 0.03
+    aged = run(3, aged=True)
+    assert aged["drifting"] is True and aged["drift_ratio"] > 1.03
