@@ -197,6 +197,14 @@ class SourceConfig(_Section):
     genicam: GenicamConfig = Field(default_factory=lambda: GenicamConfig(), description="Camera settings (genicam).")
 
 
+class RecipeConfig(_Section):
+    """What a steel grade needs: its bundle, its flat-field and its threshold."""
+
+    bundle: Path = Field(description="Bundle fitted (and calibrated) for this grade.")
+    flatfield: Path | None = Field(default=None, description="Flat-field file; None = no correction.")
+    threshold: float | None = Field(default=None, gt=0, description="Pixel threshold; None = the bundle's.")
+
+
 class DaemonConfig(_Section):
     """The inspection daemon: frames, geometry, thresholds, sockets."""
 
@@ -247,6 +255,12 @@ class DaemonConfig(_Section):
     control_endpoint: str = Field(default="tcp://127.0.0.1:5556", description="ZeroMQ REP control endpoint.")
     send_hwm: int = Field(default=10_000, ge=1, description="PUB high-water mark (messages per subscriber).")
     heartbeat_s: float = Field(default=1.0, gt=0, le=60, description="Heartbeat period.")
+    recipes: dict[str, RecipeConfig] = Field(
+        default_factory=dict, description="Named grades; the control socket switches between them at a coil change."
+    )
+    recipe: str | None = Field(
+        default=None, description="Recipe active at start; it overrides bundle, flatfield and threshold."
+    )
     drift_window_frames: int = Field(
         default=100, ge=1, le=100_000, description="Frames in the rolling normal-score statistic."
     )
@@ -264,6 +278,19 @@ class DaemonConfig(_Section):
     publish_maps: bool = Field(
         default=False, description="Attach each frame's score map (valid rows, float16) to the frame message."
     )
+
+    @model_validator(mode="after")
+    def _known_recipe(self) -> DaemonConfig:
+        if self.recipe is not None and self.recipe not in self.recipes:
+            raise ValueError(f"recipe {self.recipe!r} is not one of recipes: {sorted(self.recipes)}")
+        return self
+
+    def with_recipe(self, name: str) -> DaemonConfig:
+        """This config with the named recipe's bundle, flat-field and threshold."""
+        r = self.recipes[name]
+        return self.model_copy(
+            update={"bundle": r.bundle, "flatfield": r.flatfield, "threshold": r.threshold, "recipe": name}
+        )
 
     @model_validator(mode="after")
     def _frame_geometry(self) -> DaemonConfig:

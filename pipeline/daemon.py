@@ -99,7 +99,8 @@ class Daemon:
         source: Source,
         context: zmq.Context | None = None,
     ) -> None:
-        self.cfg = cfg
+        self.cfg = cfg if cfg.recipe is None else cfg.with_recipe(cfg.recipe)
+        cfg = self.cfg
         self.runtime = runtime
         self.scoring = scoring
         self.source = source
@@ -117,6 +118,7 @@ class Daemon:
             )
         self._pending: FrameScorer | None = None
         self._pending_threshold: float | np.ndarray | None = None
+        self._pending_recipe: tuple[DaemonConfig, FlatField | None] | None = None
         self._swap_lock = threading.Lock()
         self.assembler = LineAssembler(
             width=source.width,
@@ -155,10 +157,11 @@ class Daemon:
         self._drifting = False
         self.threshold = self._threshold_for(self.frame_scorer)
 
-    def _threshold_for(self, fs: FrameScorer) -> float | np.ndarray:
+    def _threshold_for(self, fs: FrameScorer, configured: float | None = None) -> float | np.ndarray:
         """Config threshold, else the bundle's per-band thresholds (per column), else its pixel one."""
-        if self.cfg.threshold is not None:
-            return self.cfg.threshold
+        configured = self.cfg.threshold if configured is None else configured
+        if configured is not None:
+            return configured
         bands = fs.scorer.manifest.band_thresholds
         if bands is not None:
             if bands.band_edges_px[-1] != self.source.width:
@@ -281,6 +284,8 @@ class Daemon:
                     self.frame_scorer, self._pending = self._pending, None
                 if self._pending_threshold is not None:
                     self.threshold, self._pending_threshold = self._pending_threshold, None
+                if self._pending_recipe is not None:
+                    (self.cfg, self.flatfield), self._pending_recipe = self._pending_recipe, None
             scored = self._score(item)
             if scored is None:
                 continue
@@ -449,7 +454,31 @@ class Daemon:
 
     def _command(self, cmd: Any, req: dict[str, Any]) -> dict[str, Any]:
         if cmd == "status":
-            return {"ok": True, "state": self.state, "drift": self.drift(), **self.stats.snapshot()}
+            return {
+                "ok": True,
+                "state": self.state,
+                "recipe": self.cfg.recipe,
+                "drift": self.drift(),
+                **self.stats.snapshot(),
+            }
+        if cmd == "recipe":
+            name = req.get("name")
+            if name not in self.cfg.recipes:
+                return {"ok": False, "error": f"unknown recipe {name!r}; known: {sorted(self.cfg.recipes)}"}
+            new_cfg = self.cfg.with_recipe(name)
+            try:
+                fs = self._load(new_cfg.bundle)
+                threshold = self._threshold_for(fs, new_cfg.threshold)
+                ff = None
+                if new_cfg.flatfield is not None:
+                    offset, gain = load_flatfield(new_cfg.flatfield, width=self.source.width)
+                    ff = FlatField(offset=offset, gain=gain)
+            except StripinspectError as err:
+                return {"ok": False, "error": str(err)}  # the running recipe stays
+            with self._swap_lock:
+                self._pending, self._pending_threshold = fs, threshold
+                self._pending_recipe = (new_cfg, ff)
+            return {"ok": True, "recipe": name}
         if cmd == "stop":
             self.stop_event.set()
             return {"ok": True, "state": "stopping"}
@@ -472,7 +501,7 @@ class Daemon:
                 self._pending = new
                 self._pending_threshold = threshold
             return {"ok": True, "bundle": str(bundle)}
-        return {"ok": False, "error": f"unknown command {cmd!r}; known: status, reload, stop"}
+        return {"ok": False, "error": f"unknown command {cmd!r}; known: status, reload, recipe, stop"}
 
     # --- lifecycle ----------------------------------------------------------------------
 

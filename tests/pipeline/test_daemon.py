@@ -286,3 +286,57 @@ def test_cd_is_measured_from_the_tracked_strip_edge(strip_bundle: Path) -> None:
         checked += bool(hits)
         total += 1
     assert total >= 5 and checked >= 0.9 * total and report.gaps == []
+
+
+def test_recipe_switch_between_frames_without_drops(strip_bundle: Path, tmp_path: Path) -> None:
+    from pipeline.config import RecipeConfig
+
+    src = SourceConfig(block_lines=256, line_rate_hz=6000, strip_lines=None, first_line=0)
+    cfg = DaemonConfig(
+        bundle=strip_bundle,
+        frame_lines=FRAME,
+        overlap_lines=OVERLAP,
+        queue_frames=256,
+        source=src,
+        recipes={
+            "grade_a": RecipeConfig(bundle=strip_bundle, threshold=1e9),
+            "grade_b": RecipeConfig(bundle=strip_bundle, threshold=5e8),
+        },
+        recipe="grade_a",
+        pub_endpoint="tcp://127.0.0.1:*",
+        control_endpoint="tcp://127.0.0.1:*",
+    )
+    ctx = zmq.Context()
+    daemon = Daemon(
+        cfg=cfg,
+        runtime=RuntimeConfig(),
+        scoring=ScoringConfig(),
+        source=SyntheticSource(cfg=src, width=WIDTH, seed=3, frame_lines=FRAME),
+        context=ctx,
+    )
+    assert daemon.threshold == 1e9 and daemon.cfg.recipe == "grade_a"
+    daemon.start()
+    req = ctx.socket(zmq.REQ)
+    req.setsockopt(zmq.RCVTIMEO, 20_000)
+    req.setsockopt(zmq.LINGER, 0)
+    req.connect(daemon.control_endpoint)
+    try:
+        req.send_json({"cmd": "recipe", "name": "grade_c"})
+        assert req.recv_json()["ok"] is False
+        req.send_json({"cmd": "recipe", "name": "grade_b"})
+        assert req.recv_json() == {"ok": True, "recipe": "grade_b"}
+        for _ in range(80):
+            if daemon.cfg.recipe == "grade_b":
+                break
+            threading.Event().wait(0.25)
+        req.send_json({"cmd": "status"})
+        status = req.recv_json()
+        assert status["recipe"] == "grade_b" and daemon.threshold == 5e8
+        req.send_json({"cmd": "stop"})
+        req.recv_json()
+    finally:
+        req.close(0)
+    daemon.join()
+    ctx.term()
+    s = daemon.stats.snapshot()
+    assert s["drops"] == {} and s["counts"]["frames_scored_total"] == s["counts"]["frames_total"]
