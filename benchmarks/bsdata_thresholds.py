@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from calibration.bands import band_edges, calibrate_bands, per_column
 from calibration.evaluate import TestImage, find_test_images
+from calibration.thresholds import labelled_report
 from pipeline.config import Config
 from pipeline.images import read_image, read_mask
 from pipeline.patchcore import PatchCoreScorer
@@ -65,34 +64,15 @@ def main() -> None:
     )
     cols = per_column(cal.edges, cal.thresholds)
 
-    def alarms(amap: np.ndarray) -> tuple[int, np.ndarray]:
-        hot = (amap > cols[None, :]).astype(np.uint8)
-        _, lab, stats, _ = cv2.connectedComponentsWithStats(hot, connectivity=8)
-        keep = np.flatnonzero(stats[1:, cv2.CC_STAT_AREA] >= args.min_area_px) + 1
-        return len(keep), np.isin(lab, keep)
-
-    held_maps = maps(held)
-    bad_maps = maps(bad)
-    fp = sum(alarms(m)[0] > 0 for m, _ in held_maps) / len(held_maps)
-    detected = sum(bool((alarms(m)[1] & gt).any()) for m, gt in bad_maps) / len(bad_maps)
-    # Image-level F1 over one global threshold on the max score, for reference.
-    scores = np.array([m.max() for m, _ in held_maps] + [m.max() for m, _ in bad_maps])
-    labels = np.array([0] * len(held_maps) + [1] * len(bad_maps))
-    best = (0.0, math.nan)
-    for t in np.unique(scores):
-        pred = scores >= t
-        tp, fp_n, fn = (
-            int((pred & (labels == 1)).sum()),
-            int((pred & (labels == 0)).sum()),
-            int((~pred & (labels == 1)).sum()),
-        )
-        f1 = 2 * tp / max(1, 2 * tp + fp_n + fn)
-        if f1 > best[0]:
-            best = (f1, float(t))
+    min_area_px = args.min_area_px
+    report = labelled_report(scorer, held + bad, columns=cols, min_area_px=min_area_px)
+    fp, detected = report["false_positive_rate_per_image"], report["detection_rate"]
+    best = (report["best_f1"], report["best_f1_image_threshold"])
+    n_held, n_bad = report["normal_images"], report["defect_images"]
     result = {
         "calibration_images": len(cal_maps),
-        "held_out_normal_images": len(held_maps),
-        "defect_images": len(bad_maps),
+        "held_out_normal_images": n_held,
+        "defect_images": n_bad,
         "fp_budget_per_image": args.fp_per_image,
         "band_thresholds": cal.thresholds,
         "false_positive_rate_per_image": fp,
@@ -104,7 +84,7 @@ def main() -> None:
     print("| calibrated on | held-out normal | FP rate / image (budget) | defect images | detected | best F1 (thr) |")
     print("|---|---|---|---|---|---|")
     print(
-        f"| {len(cal_maps)} normal | {len(held_maps)} | {fp:.3f} ({args.fp_per_image}) | {len(bad_maps)} | "
+        f"| {len(cal_maps)} normal | {n_held} | {fp:.3f} ({args.fp_per_image}) | {n_bad} | "
         f"{detected:.3f} | {best[0]:.3f} ({best[1]:.2f}) |"
     )
     if args.json:

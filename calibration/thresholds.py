@@ -11,13 +11,17 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from tqdm import tqdm
 
 from calibration.bands import band_edges, calibrate_bands, plot_curves
+from calibration.evaluate import TestImage
 from pipeline.bundle import BandThresholds, read_manifest, write_manifest
 from pipeline.flatfield import FlatField
 from pipeline.framescore import FrameScorer
+from pipeline.images import read_image, read_mask
 from pipeline.linescan import LineAssembler
 from pipeline.messages import LineBlock
+from pipeline.patchcore import PatchCoreScorer
 from pipeline.synthetic import SyntheticStrip
 
 
@@ -36,10 +40,12 @@ def normal_maps_from_strip(
     frames: Iterable[tuple[np.ndarray, int, int]],
     *,
     flatfield: FlatField | None = None,
+    progress: bool = False,
+    total: int | None = None,
 ) -> list[np.ndarray]:
     """Score maps of the valid rows of normal frames given as (pixels, valid_from, valid_to)."""
     maps = []
-    for pixels, v0, v1 in frames:
+    for pixels, v0, v1 in tqdm(frames, desc="score normal frames", unit="frame", total=total, disable=not progress):
         if flatfield is not None:
             pixels = flatfield.apply(pixels)
         maps.append(scorer.score(pixels).anomaly_map[v0:v1])
@@ -107,3 +113,44 @@ def calibrate_thresholds(
     )
     cv2.imwrite(str(out_dir / "thresholds.png"), plot_curves(cal, target_per_km / n_bands))
     return result
+
+
+def labelled_report(
+    scorer: PatchCoreScorer, items: list[TestImage], *, columns: np.ndarray, min_area_px: int
+) -> dict[str, float | int]:
+    """Where labelled images exist: the per-image false-positive rate on normal ones and the
+    detection rate (an alarm touching the ground truth) on defective ones at the calibrated
+    per-column thresholds, and the image-level threshold on the max score that would maximise
+    F1 (for reference; calibration never needs defect samples)."""
+    maxima, labels, false_pos, detected, n_good, n_bad = [], [], 0, 0, 0, 0
+    for it in tqdm(items, desc="labelled report", unit="img"):
+        img = read_image(it.path, scorer.channels)
+        amap = scorer.score(img).anomaly_map
+        hot = (amap > columns[None, :]).astype(np.uint8)
+        _, lab, stats, _ = cv2.connectedComponentsWithStats(hot, connectivity=8)
+        alarm = np.isin(lab, np.flatnonzero(stats[1:, cv2.CC_STAT_AREA] >= min_area_px) + 1)
+        maxima.append(float(amap.max()))
+        if it.mask_path is None:
+            n_good += 1
+            false_pos += bool(alarm.any())
+            labels.append(0)
+        else:
+            n_bad += 1
+            detected += bool((alarm & read_mask(it.mask_path, img.shape[:2])).any())
+            labels.append(1)
+    scores, y = np.asarray(maxima), np.asarray(labels)
+    best_f1, best_t = 0.0, float("nan")
+    for t in np.unique(scores):
+        pred = scores >= t
+        tp, fp, fn = int((pred & (y == 1)).sum()), int((pred & (y == 0)).sum()), int((~pred & (y == 1)).sum())
+        f1 = 2 * tp / max(1, 2 * tp + fp + fn)
+        if f1 > best_f1:
+            best_f1, best_t = f1, float(t)
+    return {
+        "normal_images": n_good,
+        "defect_images": n_bad,
+        "false_positive_rate_per_image": false_pos / max(1, n_good),
+        "detection_rate": detected / max(1, n_bad),
+        "best_f1": best_f1,
+        "best_f1_image_threshold": best_t,
+    }

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -157,3 +158,69 @@ def test_drift_is_reported_against_the_calibration(strip_bundle: Path, tmp_path:
     assert same["drifting"] is False and abs(same["drift_ratio"] - 1) < 0.03
     aged = run(3, aged=True)
     assert aged["drifting"] is True and aged["drift_ratio"] > 1.03
+
+
+def test_reload_picks_up_recalibrated_band_thresholds(strip_bundle: Path, tmp_path: Path) -> None:
+    import zmq
+
+    bundle = tmp_path / "b"
+    shutil.copytree(strip_bundle, bundle)
+    fs = FrameScorer(
+        scorer=PatchCoreScorer.open(bundle, runtime=RuntimeConfig(), scoring=ScoringConfig()), tile=None, margin=0
+    )
+    strip = SyntheticStrip(width=256, seed=3)
+    maps = normal_maps_from_strip(
+        fs, synthetic_normal_frames(strip, first_line=400_000, frames=8, frame_lines=FRAME, overlap=OVERLAP)
+    )
+
+    def calibrate(target: float) -> list[float]:
+        return calibrate_thresholds(
+            bundle=bundle,
+            maps=maps,
+            metres=20.0,
+            n_bands=2,
+            target_per_km=target,
+            min_area_mm2=5.0,
+            mm_per_px=MM_PX,
+            mm_per_line=MM_LINE,
+            calibrated_on="test",
+            out_dir=tmp_path / "r",
+        ).thresholds
+
+    loose = calibrate(1000.0)
+    src = SourceConfig(block_lines=384, line_rate_hz=4000, strip_lines=None, first_line=0)
+    ctx = zmq.Context()
+    d = Daemon(
+        cfg=DaemonConfig(
+            bundle=bundle,
+            frame_lines=FRAME,
+            overlap_lines=OVERLAP,
+            queue_frames=64,
+            pub_endpoint="tcp://127.0.0.1:*",
+            control_endpoint="tcp://127.0.0.1:*",
+            source=src,
+        ),
+        runtime=RuntimeConfig(),
+        scoring=ScoringConfig(),
+        source=SyntheticSource(cfg=src, width=256, seed=3, frame_lines=FRAME),
+        context=ctx,
+    )
+    assert d._threshold_json() == pytest.approx(loose, rel=1e-6)
+    d.start()
+    strict = calibrate(50.0)  # rewrites the bundle's manifest while the daemon runs
+    assert strict != loose
+    req = ctx.socket(zmq.REQ)
+    req.setsockopt(zmq.RCVTIMEO, 20_000)
+    req.setsockopt(zmq.LINGER, 0)
+    req.connect(d.control_endpoint)
+    req.send_json({"cmd": "reload"})
+    assert req.recv_json()["ok"] is True
+    for _ in range(80):
+        if d._threshold_json() == pytest.approx(strict, rel=1e-6):
+            break
+        threading.Event().wait(0.25)
+    req.close(0)
+    d.stop()
+    d.join()
+    ctx.term()
+    assert d._threshold_json() == pytest.approx(strict, rel=1e-6)

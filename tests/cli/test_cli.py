@@ -201,7 +201,7 @@ def test_calibrate_scale(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
 
 
 def test_calibrate_thresholds_writes_bands_into_the_bundle(
-    tmp_path: Path, strip_bundle: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, strip_bundle: Path, synthetic_dataset: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     import shutil
 
@@ -230,11 +230,18 @@ def test_calibrate_thresholds_writes_bands_into_the_bundle(
                 "1",
                 "--out",
                 str(tmp_path / "r"),
+                "--labelled",
+                str(synthetic_dataset),
+                "--quiet",
             ]
         )
         == 0
     )
-    assert "thresholds" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "thresholds" in out and "detected" in out
+    labelled = json.loads((tmp_path / "r" / "labelled.json").read_text())
+    assert labelled["defect_images"] == 6 and labelled["normal_images"] == 2
+    assert labelled["detection_rate"] >= 0.8 and 0 <= labelled["false_positive_rate_per_image"] <= 1
     bands = read_manifest(bundle).band_thresholds
     assert bands is not None and bands.band_edges_px == [0, 128, 256] and len(bands.thresholds) == 2
     assert "synthetic strip seed 3" in bands.calibrated_on and (tmp_path / "r" / "thresholds.png").is_file()
