@@ -17,13 +17,12 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
-
-from calibration.bands import band_edges, calibrate_bands, per_column
-from calibration.evaluate import TestImage, find_test_images
+from calibration.bands import band_edges, calibrate_bands
+from calibration.evaluate import find_test_images
 from calibration.thresholds import labelled_report
 from pipeline.config import Config
-from pipeline.images import read_image, read_mask
+from pipeline.defects import per_column
+from pipeline.images import read_image
 from pipeline.patchcore import PatchCoreScorer
 
 
@@ -44,15 +43,7 @@ def main() -> None:
     bad = [i for i in items if i.defect_type != "good"][:: args.every]
     calib, held = good[0::2], good[1::2]
 
-    def maps(subset: list[TestImage]) -> list[tuple[np.ndarray, np.ndarray]]:
-        out = []
-        for it in subset:
-            img = read_image(it.path, scorer.channels)
-            mask = read_mask(it.mask_path, img.shape[:2]) if it.mask_path else np.zeros(img.shape[:2], bool)
-            out.append((scorer.score(img).anomaly_map, mask))
-        return out
-
-    cal_maps = [m for m, _ in maps(calib)]
+    cal_maps = [scorer.score(read_image(it.path, scorer.channels)).anomaly_map for it in calib]
     width = cal_maps[0].shape[1]
     # One image counts as one metre, so "per km" is "per 1,000 images".
     cal = calibrate_bands(

@@ -96,14 +96,6 @@ def calibrate_bands(
     return BandCalibration(edges=edges, thresholds=thresholds, alarms_per_km=rates, quantiles=quantiles, curves=curves)
 
 
-def per_column(edges: list[int], thresholds: list[float]) -> np.ndarray:
-    """Threshold of every image column, float32 (width,)."""
-    out = np.empty(edges[-1], dtype=np.float32)
-    for e0, e1, t in zip(edges[:-1], edges[1:], thresholds, strict=True):
-        out[e0:e1] = t
-    return out
-
-
 def plot_curves(cal: BandCalibration, target_share: float, size: tuple[int, int] = (640, 360)) -> np.ndarray:
     """Alarm rate against threshold for every band (log rate), target share dashed."""
     w, h = size

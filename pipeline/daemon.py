@@ -21,10 +21,10 @@ import numpy as np
 import zmq
 
 from pipeline.config import DaemonConfig, RuntimeConfig, ScoringConfig
-from pipeline.defects import extract_defects
+from pipeline.defects import extract_defects, per_column
 from pipeline.edges import EdgeTracker, detect_edges, mask_outside
 from pipeline.errors import StripinspectError
-from pipeline.flatfield import FlatField, load_flatfield
+from pipeline.flatfield import FlatField
 from pipeline.framescore import FrameScorer
 from pipeline.linescan import LineAssembler
 from pipeline.messages import Defect, Frame
@@ -133,8 +133,7 @@ class Daemon:
         self.edge_tracker = EdgeTracker(max_jump_px=cfg.max_edge_jump_px)
         self.flatfield: FlatField | None = None
         if cfg.flatfield is not None:
-            offset, gain = load_flatfield(cfg.flatfield, width=source.width)
-            self.flatfield = FlatField(offset=offset, gain=gain)
+            self.flatfield = FlatField.from_file(cfg.flatfield, width=source.width)
         self.frames: queue.Queue[Any] = queue.Queue(maxsize=cfg.queue_frames)
         self.results: queue.Queue[Any] = queue.Queue(maxsize=cfg.queue_results)
         self.publisher = Publisher(
@@ -155,35 +154,32 @@ class Daemon:
         self._last_scored = 0
         self._normal_median: deque[float] = deque(maxlen=cfg.drift_window_frames)
         self._drifting = False
-        self.threshold = self._threshold_for(self.frame_scorer)
+        self.threshold = self._threshold_for(self.frame_scorer, cfg)
 
-    def _threshold_for(self, fs: FrameScorer, configured: float | None = None) -> float | np.ndarray:
-        """Config threshold, else the bundle's per-band thresholds (per column), else its pixel one."""
-        configured = self.cfg.threshold if configured is None else configured
-        if configured is not None:
-            return configured
+    def _threshold_for(self, fs: FrameScorer, cfg: DaemonConfig) -> float | np.ndarray:
+        """``cfg.threshold``, else the bundle's per-band thresholds (per column), else its pixel one."""
+        if cfg.threshold is not None:
+            return cfg.threshold
         bands = fs.scorer.manifest.band_thresholds
         if bands is not None:
             if bands.band_edges_px[-1] != self.source.width:
                 raise StripinspectError(
-                    f"{self.cfg.bundle}: thresholds calibrated for {bands.band_edges_px[-1]} columns, "
+                    f"{cfg.bundle}: thresholds calibrated for {bands.band_edges_px[-1]} columns, "
                     f"camera has {self.source.width}"
                 )
-            cols = np.empty(self.source.width, dtype=np.float32)
-            for e0, e1, t in zip(bands.band_edges_px[:-1], bands.band_edges_px[1:], bands.thresholds, strict=True):
-                cols[e0:e1] = t
-            return cols
+            return per_column(bands.band_edges_px, bands.thresholds)
         stored = (fs.scorer.manifest.thresholds or {}).get("pixel")
         if stored is None or not stored > 0:
-            raise StripinspectError(
-                f"{self.cfg.bundle}: no pixel threshold: set daemon.threshold or calibrate the bundle"
-            )
+            raise StripinspectError(f"{cfg.bundle}: no pixel threshold: set daemon.threshold or calibrate the bundle")
         return float(stored)
 
     def _threshold_json(self) -> float | list[float]:
-        t = self.threshold
+        with self._swap_lock:
+            t, fs = self.threshold, self.frame_scorer
         if isinstance(t, np.ndarray):
-            return [float(v) for v in dict.fromkeys(t.tolist())]  # one value per band, left to right
+            bands = fs.scorer.manifest.band_thresholds
+            assert bands is not None  # per-column thresholds only ever come from bands
+            return [float(t[e]) for e in bands.band_edges_px[:-1]]  # one value per band, left to right
         return float(t)
 
     def _load(self, bundle: Path) -> FrameScorer:
@@ -468,11 +464,10 @@ class Daemon:
             new_cfg = self.cfg.with_recipe(name)
             try:
                 fs = self._load(new_cfg.bundle)
-                threshold = self._threshold_for(fs, new_cfg.threshold)
+                threshold = self._threshold_for(fs, new_cfg)
                 ff = None
                 if new_cfg.flatfield is not None:
-                    offset, gain = load_flatfield(new_cfg.flatfield, width=self.source.width)
-                    ff = FlatField(offset=offset, gain=gain)
+                    ff = FlatField.from_file(new_cfg.flatfield, width=self.source.width)
             except StripinspectError as err:
                 return {"ok": False, "error": str(err)}  # the running recipe stays
             with self._swap_lock:
@@ -493,7 +488,7 @@ class Daemon:
             bundle = Path(req.get("bundle") or self.cfg.bundle)
             try:
                 new = self._load(bundle)
-                threshold = self._threshold_for(new)
+                threshold = self._threshold_for(new, self.cfg)
             except StripinspectError as err:
                 # The old model keeps running.
                 return {"ok": False, "error": str(err)}

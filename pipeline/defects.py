@@ -50,3 +50,13 @@ def extract_defects(
             )
         )
     return out
+
+
+def per_column(edges: list[int], thresholds: list[float]) -> np.ndarray:
+    """Threshold of every image column from CD band edges and band thresholds, float32 (width,)."""
+    if len(edges) != len(thresholds) + 1:
+        raise ValueError(f"{len(edges)} band edges for {len(thresholds)} thresholds")
+    out = np.empty(edges[-1], dtype=np.float32)
+    for e0, e1, t in zip(edges[:-1], edges[1:], thresholds, strict=True):
+        out[e0:e1] = t
+    return out

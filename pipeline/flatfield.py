@@ -42,6 +42,11 @@ class FlatField:
         self.gain = gain.astype(np.float32)[None, :, None]
         self._buf: np.ndarray | None = None
 
+    @classmethod
+    def from_file(cls, path: Path, *, width: int) -> FlatField:
+        offset, gain = load_flatfield(path, width=width)
+        return cls(offset=offset, gain=gain)
+
     def apply(self, raw: np.ndarray) -> np.ndarray:
         if raw.ndim != 3 or raw.shape[1] != self.offset.shape[1]:
             raise ValueError(f"frame {raw.shape} does not match the flat-field's {self.offset.shape[1]} columns")

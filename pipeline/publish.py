@@ -42,7 +42,6 @@ class Publisher:
             raise OSError(f"cannot bind PUB {endpoint}: {err}") from None
         self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.seq = dict.fromkeys(TOPICS, 0)
-        self.dropped = 0
 
     def send(self, topic: str, header: dict[str, Any], parts: tuple[bytes, ...] = ()) -> None:
         self.seq[topic] += 1
@@ -54,11 +53,9 @@ class Publisher:
             "publish_time": time.time(),
             **header,
         }
-        try:
-            self._sock.send_multipart([topic.encode("ascii"), json.dumps(full).encode(), *parts], flags=zmq.NOBLOCK)
-        except zmq.Again:
-            # PUB never blocks; with NOBLOCK a full queue would raise here instead of dropping.
-            self.dropped += 1
+        # PUB never blocks: at a subscriber's high-water mark ZeroMQ drops the message silently,
+        # which the subscriber sees as a gap in ``seq``.
+        self._sock.send_multipart([topic.encode("ascii"), json.dumps(full).encode(), *parts])
 
     def alert(self, frame: Frame, defect: Defect, *, capture_md_m: float) -> None:
         """``capture_md_m``: MD of the line the camera saw at ``capture_time`` (the frame's last

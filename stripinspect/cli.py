@@ -237,7 +237,7 @@ def cmd_calibrate_scale(args: argparse.Namespace) -> int:
 
 def cmd_calibrate_thresholds(args: argparse.Namespace) -> int:
     from calibration.thresholds import calibrate_thresholds, normal_maps_from_strip, synthetic_normal_frames
-    from pipeline.flatfield import FlatField, load_flatfield
+    from pipeline.flatfield import FlatField
     from pipeline.framescore import FrameScorer
     from pipeline.images import list_images, read_image
     from pipeline.patchcore import PatchCoreScorer
@@ -265,10 +265,7 @@ def cmd_calibrate_thresholds(args: argparse.Namespace) -> int:
         )
         source = f"synthetic strip seed {cfg.synthetic.seed}, {args.frames} frames from line {args.first_line}"
         width = cfg.synthetic.width
-    ff = None
-    if d.flatfield is not None:
-        offset, gain = load_flatfield(d.flatfield, width=width)
-        ff = FlatField(offset=offset, gain=gain)
+    ff = None if d.flatfield is None else FlatField.from_file(d.flatfield, width=width)
     total = len(images) if args.data is not None else args.frames
     maps = normal_maps_from_strip(fs, frames, flatfield=ff, progress=not args.quiet, total=total)
     metres = sum(m.shape[0] for m in maps) * d.mm_per_line / 1000
@@ -289,9 +286,9 @@ def cmd_calibrate_thresholds(args: argparse.Namespace) -> int:
         f"{', '.join(f'{t:.2f}' for t in result.thresholds)} written to {args.bundle}; report {args.out}"
     )
     if args.labelled is not None:
-        from calibration.bands import per_column
         from calibration.evaluate import find_test_images
         from calibration.thresholds import labelled_report
+        from pipeline.defects import per_column
 
         min_area_px = max(1, math.ceil(args.min_area_mm2 / (d.mm_per_px * d.mm_per_line)))
         report = labelled_report(

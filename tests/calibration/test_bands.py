@@ -10,11 +10,11 @@ import cv2
 import numpy as np
 import pytest
 
-from calibration.bands import band_edges, per_column
+from calibration.bands import band_edges
 from calibration.thresholds import calibrate_thresholds, normal_maps_from_strip, synthetic_normal_frames
 from pipeline.config import DaemonConfig, RuntimeConfig, ScoringConfig, SourceConfig
 from pipeline.daemon import Daemon
-from pipeline.defects import extract_defects
+from pipeline.defects import extract_defects, per_column
 from pipeline.framescore import FrameScorer
 from pipeline.messages import Frame
 from pipeline.patchcore import PatchCoreScorer
@@ -77,6 +77,7 @@ def test_calibrated_rate_holds_on_held_out_strip(strip_bundle: Path, tmp_path: P
         )
     held_metres = sum(m.shape[0] for m in held) * MM_LINE / 1000
     rate = alarms / held_metres * 1000
+    print(f"held-out normal strip: {alarms} alarms on {held_metres:.1f} m = {rate:.0f}/km (target {TARGET:.0f})")
     assert TARGET / 2 <= rate <= 2 * TARGET, f"{alarms} alarms on {held_metres:.0f} m = {rate:.0f}/km"
     report = json.loads((tmp_path / "report" / "thresholds.json").read_text())
     assert report["thresholds"] == result.thresholds and report["min_area_px"] == 2
@@ -157,6 +158,7 @@ def test_drift_is_reported_against_the_calibration(strip_bundle: Path, tmp_path:
     same = run(3)
     assert same["drifting"] is False and abs(same["drift_ratio"] - 1) < 0.03
     aged = run(3, aged=True)
+    print(f"drift ratio: same lamp {same['drift_ratio']:.3f}, aged lamp {aged['drift_ratio']:.3f}")
     assert aged["drifting"] is True and aged["drift_ratio"] > 1.03
 
 

@@ -289,8 +289,15 @@ def test_cd_is_measured_from_the_tracked_strip_edge(strip_bundle: Path) -> None:
 
 
 def test_recipe_switch_between_frames_without_drops(strip_bundle: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from pipeline.bundle import read_manifest, write_manifest
     from pipeline.config import RecipeConfig
 
+    # Grade B sets no threshold: it must take its own bundle's, not keep grade A's.
+    bundle_b = tmp_path / "grade_b"
+    shutil.copytree(strip_bundle, bundle_b)
+    write_manifest(bundle_b, read_manifest(bundle_b).model_copy(update={"thresholds": {"pixel": 5e8}}))
     src = SourceConfig(block_lines=256, line_rate_hz=6000, strip_lines=None, first_line=0)
     cfg = DaemonConfig(
         bundle=strip_bundle,
@@ -300,7 +307,7 @@ def test_recipe_switch_between_frames_without_drops(strip_bundle: Path, tmp_path
         source=src,
         recipes={
             "grade_a": RecipeConfig(bundle=strip_bundle, threshold=1e9),
-            "grade_b": RecipeConfig(bundle=strip_bundle, threshold=5e8),
+            "grade_b": RecipeConfig(bundle=bundle_b, threshold=None),
         },
         recipe="grade_a",
         pub_endpoint="tcp://127.0.0.1:*",
