@@ -75,7 +75,7 @@ class CoresetConfig(_Section):
         le=10_000_000,
         description="Absolute row budget; the bank keeps min(ratio * patches, max_rows) rows. kNN cost "
         "grows with the rows; on BSData at full resolution 16,384 rows scored as well as 39,698 "
-        "(benchmarks/bank_size.py) at 2.4x less kNN time. None = ratio only.",
+        "(benchmarks/knn_choice.py) at 2.4x less kNN time. None = ratio only.",
     )
     projection_dim: int = Field(
         default=128,
@@ -131,11 +131,36 @@ class ScoringConfig(_Section):
     )
 
 
+class KnnConfig(_Section):
+    """How the memory bank is searched. The bundle keeps the exact bank; this structure is built
+    from it when the bundle is opened, so changing it needs no refit. Trade-offs measured by
+    ``benchmarks/speed.py`` (README, "Speed")."""
+
+    index: Literal["flat", "ivf", "hnsw", "ivfpq"] = Field(
+        default="flat",
+        description="flat: exact, cost grows with the bank; ivf: k-means cells, searches nprobe of them; "
+        "hnsw: graph search, ef_search candidates; ivfpq: ivf on 8-bit product-quantised codes, re-ranked exactly.",
+    )
+    nlist: int | None = Field(default=None, ge=1, le=1_000_000, description="IVF cells; null = 4 sqrt(bank rows).")
+    nprobe: int = Field(default=8, ge=1, le=65_536, description="IVF cells searched per query (recall vs time).")
+    hnsw_m: int = Field(default=32, ge=4, le=256, description="HNSW links per node.")
+    ef_construction: int = Field(default=80, ge=8, le=4096, description="HNSW build-time candidate list.")
+    ef_search: int = Field(default=48, ge=1, le=4096, description="HNSW search-time candidate list (recall vs time).")
+    pq_m: int = Field(default=38, ge=1, le=1024, description="IVF-PQ sub-quantisers (must divide the embedding dim).")
+    refine: int = Field(default=8, ge=1, le=1024, description="IVF-PQ: candidates re-ranked exactly per neighbour.")
+    seed: int = Field(default=0, ge=0, description="Seed of the IVF k-means.")
+    device: Literal["cpu", "cuda"] = Field(
+        default="cpu",
+        description="cuda: exact search on the GPU (faiss-gpu if installed, else CuPy); index is then ignored.",
+    )
+
+
 class RuntimeConfig(_Section):
-    """Threads of the heavy libraries."""
+    """Threads and accelerators of the heavy libraries."""
 
     onnx_threads: int = Field(default=2, ge=1, le=256, description="onnxruntime intra-op threads.")
     faiss_threads: int = Field(default=2, ge=1, le=256, description="faiss OpenMP threads.")
+    knn: KnnConfig = Field(default_factory=KnnConfig, description="Search structure of the memory bank.")
     providers: tuple[Literal["CPUExecutionProvider", "CUDAExecutionProvider"], ...] = Field(
         default=("CPUExecutionProvider",),
         min_length=1,

@@ -1,8 +1,10 @@
 """The inspection daemon: the one place where stages, queues, threads and sockets are wired.
 
-acquire -> (frames queue) -> score: preprocess, embed, kNN, map, defects -> (results queue)
--> publish. The camera thread never waits for scoring: a full queue drops the frame and counts
-it by stage and reason. Every loop checks the stop event and waits with a timeout.
+acquire -> (frames queue) -> embed: preprocess, ONNX -> (features queue) -> score: kNN, map,
+defects -> (results queue) -> publish. Embedding frame n+1 and searching the bank for frame n
+run at the same time (both release the GIL), so two cores are busy. The camera thread never
+waits for scoring: a full queue drops the frame and counts it by stage and reason. Every loop
+checks the stop event and waits with a timeout.
 """
 
 from __future__ import annotations
@@ -35,8 +37,22 @@ from pipeline.systemd import notify
 
 log = logging.getLogger("stripinspect.daemon")
 
-STAGES = ("acquire", "preprocess", "embed", "knn_map", "defects", "publish", "end_to_end")
+STAGES = ("acquire", "preprocess", "embed", "knn", "map", "defects", "publish", "end_to_end")
 _END = object()
+
+
+@dataclass(frozen=True)
+class Embedded:
+    """A frame between the embed and score stages, with the model, threshold and settings that
+    were current when it was embedded (swaps happen between frames, never inside one)."""
+
+    frame: Frame
+    pixels: np.ndarray  # (lines, width, C) uint8, flat-field corrected
+    features: np.ndarray  # (lines / stride, width / stride, D) float32
+    frame_scorer: FrameScorer
+    threshold: float | np.ndarray
+    cfg: DaemonConfig
+    seconds: dict[str, float]
 
 
 @dataclass(frozen=True)
@@ -47,6 +63,7 @@ class Scored:
     defects: list[Defect]
     max_score: float
     seconds: dict[str, float]
+    threshold: float | list[float] = 0.0  # the frame's threshold (one per CD band with bands)
     score_map: np.ndarray | None = None  # valid rows, only when maps are published
     edges: tuple[float, float] | None = None  # detected strip edges (columns), when tracked
 
@@ -135,6 +152,9 @@ class Daemon:
         if cfg.flatfield is not None:
             self.flatfield = FlatField.from_file(cfg.flatfield, width=source.width)
         self.frames: queue.Queue[Any] = queue.Queue(maxsize=cfg.queue_frames)
+        # Small: only the embed/score hand-over; backpressure beyond it lands on `frames`.
+        self.embedded: queue.Queue[Any] = queue.Queue(maxsize=2)
+        self.embedding_done = threading.Event()
         self.results: queue.Queue[Any] = queue.Queue(maxsize=cfg.queue_results)
         self.publisher = Publisher(
             context=self._context, endpoint=cfg.pub_endpoint, camera_id=cfg.camera_id, send_hwm=cfg.send_hwm
@@ -176,6 +196,10 @@ class Daemon:
     def _threshold_json(self) -> float | list[float]:
         with self._swap_lock:
             t, fs = self.threshold, self.frame_scorer
+        return self._threshold_value(t, fs)
+
+    @staticmethod
+    def _threshold_value(t: float | np.ndarray, fs: FrameScorer) -> float | list[float]:
         if isinstance(t, np.ndarray):
             bands = fs.scorer.manifest.band_thresholds
             assert bands is not None  # per-column thresholds only ever come from bands
@@ -195,6 +219,7 @@ class Daemon:
         for name, target in (
             ("publish", self._publish_loop),
             ("score", self._score_loop),
+            ("embed", self._embed_loop),
             ("control", self._control_loop),
             ("acquire", self._acquire_loop),
         ):
@@ -256,14 +281,25 @@ class Daemon:
                 except queue.Full:
                     self.stats.drop("score", "queue_full")
 
-    def _score_loop(self) -> None:
+    def _embed_loop(self) -> None:
         try:
-            self._score_frames()
+            self._embed_frames()
         finally:
-            self.scoring_done.set()
-            self.results.put(_END)
+            self.embedding_done.set()
+            self._put_blocking(self.embedded, _END)
 
-    def _score_frames(self) -> None:
+    def _put_blocking(self, q: queue.Queue[Any], item: Any) -> None:
+        # Between embed and score the hand-over waits (bounded by the score stage) rather than
+        # drop: a frame already embedded is not thrown away; the camera-side queue drops instead.
+        while True:
+            try:
+                q.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                if self.failed is not None:
+                    return
+
+    def _embed_frames(self) -> None:
         # Drains: stops at the end marker, which acquisition queues after its last frame.
         while True:
             try:
@@ -282,46 +318,82 @@ class Daemon:
                     self.threshold, self._pending_threshold = self._pending_threshold, None
                 if self._pending_recipe is not None:
                     (self.cfg, self.flatfield), self._pending_recipe = self._pending_recipe, None
-            scored = self._score(item)
-            if scored is None:
-                continue
+                fs, threshold, cfg, flatfield = self.frame_scorer, self.threshold, self.cfg, self.flatfield
+            t0 = time.perf_counter()
+            pixels = item.pixels if flatfield is None else flatfield.apply(item.pixels)
+            t1 = time.perf_counter()
             try:
-                self.results.put_nowait(scored)
-            except queue.Full:
-                self.stats.drop("publish", "queue_full")
-
-    def _score(self, frame: Frame) -> Scored | None:
-        fs = self.frame_scorer
-        t0 = time.perf_counter()
-        pixels = frame.pixels if self.flatfield is None else self.flatfield.apply(frame.pixels)
-        t1 = time.perf_counter()
-        try:
-            feats = fs.features(pixels)
+                feats = fs.features(fs.scorer.check_image(pixels))
+            except ValueError as err:
+                self.stats.drop("embed", "bad_frame")
+                log.warning("frame %d skipped: %s", item.frame_id, err)
+                continue
             t2 = time.perf_counter()
-            result = fs.scorer.score_features(feats, model_hw=pixels.shape[:2], out_hw=pixels.shape[:2])
+            self._put_blocking(
+                self.embedded,
+                Embedded(
+                    frame=item,
+                    pixels=pixels,
+                    features=feats,
+                    frame_scorer=fs,
+                    threshold=threshold,
+                    cfg=cfg,
+                    seconds={"preprocess": t1 - t0, "embed": t2 - t1},
+                ),
+            )
+
+    def _score_loop(self) -> None:
+        try:
+            while True:
+                try:
+                    item = self.embedded.get(timeout=0.2)
+                except queue.Empty:
+                    if self.embedding_done.is_set() and self.embedded.empty():
+                        break
+                    continue
+                if item is _END:
+                    break
+                scored = self._score(item)
+                if scored is None:
+                    continue
+                try:
+                    self.results.put_nowait(scored)
+                except queue.Full:
+                    self.stats.drop("publish", "queue_full")
+        finally:
+            self.scoring_done.set()
+            self.results.put(_END)
+
+    def _score(self, item: Embedded) -> Scored | None:
+        frame, fs, cfg = item.frame, item.frame_scorer, item.cfg
+        h, w = item.pixels.shape[:2]
+        t0 = time.perf_counter()
+        try:
+            patch, first_row, _ = fs.search_band(item.features, valid=(frame.valid_from, frame.valid_to), lines=h)
         except ValueError as err:
             self.stats.drop("score", "bad_frame")
             log.warning("frame %d skipped: %s", frame.frame_id, err)
             return None
-        t3 = time.perf_counter()
-        amap = result.anomaly_map
-        left = self.cfg.strip_edge_px
+        t1 = time.perf_counter()
+        amap = fs.band_map(patch, first_row, out_hw=(h, w))
+        t2 = time.perf_counter()
+        left = cfg.strip_edge_px
         edges = None
-        if self.cfg.track_edges:
-            edges = self.edge_tracker.update(detect_edges(pixels))
+        if cfg.track_edges:
+            edges = self.edge_tracker.update(detect_edges(item.pixels))
             if edges is not None:
                 amap = mask_outside(amap, edges)
                 left = edges[0]
         defects = extract_defects(
             amap,
             frame=frame,
-            threshold=self.threshold,
-            min_area_px=self.cfg.min_area_px,
-            mm_per_px=self.cfg.mm_per_px,
-            mm_per_line=self.cfg.mm_per_line,
+            threshold=item.threshold,
+            min_area_px=cfg.min_area_px,
+            mm_per_px=cfg.mm_per_px,
+            mm_per_line=cfg.mm_per_line,
             strip_left_px=left,
         )
-        t4 = time.perf_counter()
+        t3 = time.perf_counter()
         valid = amap[frame.valid_from : frame.valid_to]
         self._track_normal(valid)
         self.stats.count("frames_scored_total")
@@ -329,9 +401,10 @@ class Daemon:
             frame=frame,
             defects=defects,
             max_score=float(valid.max()),
-            score_map=valid if self.cfg.publish_maps else None,
+            threshold=self._threshold_value(item.threshold, fs),
+            score_map=valid if cfg.publish_maps else None,
             edges=edges,
-            seconds={"preprocess": t1 - t0, "embed": t2 - t1, "knn_map": t3 - t2, "defects": t4 - t3},
+            seconds={**item.seconds, "knn": t1 - t0, "map": t2 - t1, "defects": t3 - t2},
         )
 
     def _track_normal(self, valid: np.ndarray) -> None:
@@ -400,7 +473,7 @@ class Daemon:
                     "valid_rows": [f.valid_from, f.valid_to],
                     "max_score": item.max_score,
                     "defects": len(item.defects),
-                    "threshold": self._threshold_json(),
+                    "threshold": item.threshold,
                     "strip_edges_px": None if item.edges is None else [round(e, 2) for e in item.edges],
                 },
                 parts,

@@ -19,8 +19,9 @@ def extract_defects(
     strip_left_px: float = 0.0,
 ) -> list[Defect]:
     """Regions of ``score_map`` (lines, width) above ``threshold`` (one value, or one per column
-    for CD bands) whose centre lies in the frame's valid rows; a region in the overlap belongs
-    to the neighbour that owns its centre, so each defect is reported once."""
+    for CD bands) whose first row lies in the frame's valid rows; a region that starts in the
+    overlap belongs to the neighbour whose valid rows hold its start, so each defect is reported
+    once, even where a frame's map is cut off beyond its valid rows."""
     if score_map.ndim != 2 or score_map.shape[0] != frame.pixels.shape[0]:
         raise ValueError(f"score map {score_map.shape} does not match frame {frame.pixels.shape}")
     per_col = np.broadcast_to(np.asarray(threshold, dtype=np.float32), (score_map.shape[1],))
@@ -30,7 +31,7 @@ def extract_defects(
     for k in range(1, n):
         x, y, w, h, area = (int(v) for v in stats[k])
         cx, cy = float(centroids[k][0]), float(centroids[k][1])
-        if area < min_area_px or not frame.valid_from <= cy < frame.valid_to:
+        if area < min_area_px or not frame.valid_from <= y < frame.valid_to:
             continue
         region = labels[y : y + h, x : x + w] == k
         scores = score_map[y : y + h, x : x + w][region]

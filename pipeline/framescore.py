@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.patchcore import ImageScore, PatchCoreScorer
+from pipeline.scoring import anomaly_map, band_rows
 from pipeline.tiling import cut_tiles, plan_tiles, stitch_features
 
 ALIGN = 16  # coarsest stride of the registered backbones
@@ -44,3 +45,28 @@ class FrameScorer:
         pixels = self.scorer.check_image(pixels)
         feats = self.features(pixels)
         return self.scorer.score_features(feats, model_hw=pixels.shape[:2], out_hw=pixels.shape[:2])
+
+    def search_band(self, feats: np.ndarray, *, valid: tuple[int, int], lines: int) -> tuple[np.ndarray, int, float]:
+        """kNN for the patch rows that the map's ``valid`` pixel rows depend on (``band_rows``):
+        the frame's overlap is context for the CNN, not work for the search. Returns the band's
+        patch scores (rows, w), its first patch row and its image score."""
+        stride = self.scorer.stride
+        r0, r1 = band_rows(*valid, stride=stride, sigma=self.scorer.scoring.sigma, lines=lines)
+        patch, score = self.scorer.search_patches(feats[r0:r1])
+        return patch, r0, score
+
+    def band_map(self, patch: np.ndarray, first_row: int, *, out_hw: tuple[int, int]) -> np.ndarray:
+        """Pixel map (lines, width) float32 of a band from ``search_band``: equal to the whole
+        frame's map on the valid rows, 0 outside the band (never above a threshold)."""
+        stride = self.scorer.stride
+        h, w = out_hw
+        top = first_row * stride
+        band = anomaly_map(
+            patch,
+            stride=stride,
+            out_hw=(min(h, top + patch.shape[0] * stride) - top, w),
+            sigma=self.scorer.scoring.sigma,
+        )
+        out = np.zeros((h, w), dtype=np.float32)
+        out[top : top + band.shape[0]] = band
+        return out

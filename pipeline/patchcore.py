@@ -70,6 +70,7 @@ class PatchCoreScorer:
                 dim=manifest.features.embedding_dim,
                 rows=manifest.index.rows,
                 threads=runtime.faiss_threads,
+                knn=runtime.knn,
             )
         except (EmbedderError, KnnError) as err:
             raise BundleError(f"{bundle_dir}: {err}") from None
@@ -94,9 +95,8 @@ class PatchCoreScorer:
         feats = self.embedder.embed(pixels[None])[0]
         return self.score_features(feats, model_hw=pixels.shape[:2], out_hw=(height, width))
 
-    def score_features(self, feats: np.ndarray, *, model_hw: tuple[int, int], out_hw: tuple[int, int]) -> ImageScore:
-        """Patch features (h, w, D) of an image of ``model_hw`` pixels -> scores at ``out_hw``."""
-        height, width = out_hw
+    def search_patches(self, feats: np.ndarray) -> tuple[np.ndarray, float]:
+        """Patch features (h, w, D) -> patch scores float32 (h, w) and the image score (eq. 7)."""
         gh, gw, dim = feats.shape
         flat = feats.reshape(-1, dim)
         dist, ids = self.index.search(flat, 1)
@@ -105,9 +105,14 @@ class PatchCoreScorer:
         s_star = float(dist[worst, 0])
         m_star = self.index.vectors[ids[worst, 0]]
         # N_b(m*): the b bank entries nearest to m* (PatchCore eq. 7), m* itself included.
-        _, nb = self.index.search(m_star[None], self.num_neighbors)
+        _, nb = self.index.search_exact(m_star[None], self.num_neighbors)
         neighbour_d = np.linalg.norm(self.index.vectors[nb[0]] - flat[worst], axis=1)
-        score = reweighted_image_score(s_star, neighbour_d)
+        return patch, reweighted_image_score(s_star, neighbour_d)
+
+    def score_features(self, feats: np.ndarray, *, model_hw: tuple[int, int], out_hw: tuple[int, int]) -> ImageScore:
+        """Patch features (h, w, D) of an image of ``model_hw`` pixels -> scores at ``out_hw``."""
+        height, width = out_hw
+        patch, score = self.search_patches(feats)
         amap_scaled = anomaly_map(patch, stride=self.stride, out_hw=model_hw, sigma=self.scoring.sigma * self.scale)
         amap = (
             amap_scaled

@@ -49,3 +49,19 @@ def anomaly_map(patch_scores: np.ndarray, *, stride: int, out_hw: tuple[int, int
         k = gaussian_kernel_size(sigma)
         up = cv2.GaussianBlur(up, (k, k), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT)
     return up
+
+
+def band_rows(valid_from: int, valid_to: int, *, stride: int, sigma: float, lines: int) -> tuple[int, int]:
+    """Patch rows [r0, r1) whose scores reach pixel rows [valid_from, valid_to) of ``anomaly_map``.
+
+    A pixel row depends on the patch rows within the bilinear support (one cell) plus the
+    Gaussian's half-width (4 sigma); one more cell covers the edge rows that ``anomaly_map``
+    fills from the nearest cell. Rows beyond the band need no kNN search.
+    """
+    if not 0 <= valid_from < valid_to <= lines:
+        raise ValueError(f"valid rows [{valid_from}, {valid_to}) not inside 0..{lines}")
+    reach = gaussian_kernel_size(sigma) // 2 if sigma > 0 else 0
+    margin = reach + 2 * stride
+    r0 = max(0, (valid_from - margin) // stride)
+    r1 = min(-(-lines // stride), -(-(valid_to + margin) // stride))
+    return r0, r1

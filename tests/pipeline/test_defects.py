@@ -41,3 +41,15 @@ def test_region_outside_valid_rows_belongs_to_the_neighbour() -> None:
         amap, frame=_frame(valid_from=16, valid_to=84), threshold=1.0, min_area_px=1, mm_per_px=1.0, mm_per_line=1.0
     )
     assert [d.box[1] for d in found] == [50]
+
+
+def test_a_region_belongs_to_the_frame_holding_its_first_row() -> None:
+    # A long region across the boundary of the valid rows: reported by the frame where it
+    # starts, whatever its centre, so a map cut off outside the band cannot double-report it.
+    amap = np.zeros((100, 200), np.float32)
+    amap[70:99, 10:20] = 3.0  # starts inside [16, 84), centre outside
+    amap[5:40, 50:60] = 3.0  # centre inside, starts in the overlap above
+    found = extract_defects(
+        amap, frame=_frame(valid_from=16, valid_to=84), threshold=1.0, min_area_px=1, mm_per_px=1.0, mm_per_line=1.0
+    )
+    assert [(d.box[0], d.box[1]) for d in found] == [(10, 70)]

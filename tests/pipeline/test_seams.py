@@ -84,3 +84,24 @@ def test_streamed_strip_equals_strip_scored_in_one_piece(synthetic_bundle: Path,
     done = ~np.isnan(got[:, 0])
     assert done.sum() >= 512 + 128  # at least a few frames
     assert _rel(got[done], whole[done]) < 1e-3
+
+
+@pytest.mark.parametrize("valid", [(192, 832), (0, 640), (384, 1024)])
+def test_band_search_gives_the_whole_frames_map_on_the_valid_rows(
+    synthetic_bundle: Path, valid: tuple[int, int]
+) -> None:
+    scorer = _scorer(synthetic_bundle)
+    fs = FrameScorer(scorer=scorer, tile=None, margin=0)
+    img, _ = SyntheticStrip(width=256, seed=5).render(
+        3000, 1024, [PlantedDefect(kind="scratch", line=3000 + valid[0] + 3, col=100, size=60, seed=2)]
+    )
+    whole = fs.score(img[:, :, None]).anomaly_map
+    feats = fs.features(img[:, :, None])
+    patch, first_row, _ = fs.search_band(feats, valid=valid, lines=1024)
+    band = fs.band_map(patch, first_row, out_hw=(1024, 256))
+    searched = patch.shape[0] / feats.shape[0]
+    print(f"valid {valid}: {100 * searched:.0f} % of the patch rows searched")
+    assert searched < 0.8 if valid[1] - valid[0] == 640 else searched <= 1.0
+    np.testing.assert_allclose(band[valid[0] : valid[1]], whole[valid[0] : valid[1]], rtol=1e-5, atol=1e-5)
+    top, bottom = first_row * 8, first_row * 8 + patch.shape[0] * 8
+    assert (band[:top] == 0).all() and (band[bottom:] == 0).all()

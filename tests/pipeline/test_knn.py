@@ -1,0 +1,103 @@
+"""Memory-bank search: every runtime.knn choice against exact search, on real faiss."""
+
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+
+from pipeline.config import KnnConfig
+from pipeline.knn import FaissIndex, KnnError, build_index, build_search_index, ivf_lists, matmul_search, write_index
+
+
+def _clustered(n: int, dim: int, seed: int) -> np.ndarray:
+    # Patch features are clustered (a surface has a few kinds of texture), not uniform noise.
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((40, dim)).astype(np.float32) * 4
+    return (centres[rng.integers(0, 40, n)] + rng.standard_normal((n, dim)).astype(np.float32)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def bank_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray]:
+    bank = _clustered(12_000, 32, seed=0)
+    path = tmp_path_factory.mktemp("knn") / "index.faiss"
+    write_index(build_index(bank, "flat"), path)
+    return path, bank
+
+
+def _brute(bank: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    d2 = ((q[:, None, :] - bank[None, :, :]) ** 2).sum(axis=2)
+    ids = np.argsort(d2, axis=1)[:, :k]
+    return np.sqrt(np.take_along_axis(d2, ids, axis=1)), ids
+
+
+@pytest.mark.parametrize(
+    ("knn", "min_recall"),
+    [
+        (KnnConfig(index="flat"), 1.0),
+        (KnnConfig(index="ivf", nprobe=32), 0.95),
+        (KnnConfig(index="hnsw", ef_search=256), 0.95),
+        (KnnConfig(index="ivfpq", pq_m=8, nprobe=32), 0.9),
+    ],
+    ids=["flat", "ivf", "hnsw", "ivfpq"],
+)
+def test_each_search_finds_the_nearest_row(
+    bank_file: tuple[Path, np.ndarray], knn: KnnConfig, min_recall: float
+) -> None:
+    path, bank = bank_file
+    index = FaissIndex(path=path, dim=32, rows=bank.shape[0], threads=1, knn=knn)
+    q = _clustered(500, 32, seed=1)
+    d, ids = index.search(q, 1)
+    exact_d, exact_ids = _brute(bank, q, 1)
+    recall = float((ids[:, 0] == exact_ids[:, 0]).mean())
+    print(f"{knn.index}: recall@1 {recall:.3f}")
+    assert recall >= min_recall
+    assert ids.dtype == np.int64 and d.dtype == np.float32 and (ids >= 0).all()
+    # Distances are true Euclidean distances to the rows returned (PQ ones re-ranked exactly),
+    # so an approximate search can only over-estimate a patch score, never under-estimate it.
+    true_d = np.linalg.norm(bank[ids[:, 0]] - q, axis=1)
+    np.testing.assert_allclose(d[:, 0], true_d, rtol=1e-3, atol=1e-3)
+    assert (d[:, 0] >= exact_d[:, 0] - 1e-3).all()
+    np.testing.assert_allclose(index.search_exact(q, 3)[0], _brute(bank, q, 3)[0], rtol=1e-4, atol=1e-3)
+    assert index.backend == f"faiss-cpu {knn.index}"
+
+
+def test_ivf_queries_that_find_too_few_rows_are_searched_exactly(bank_file: tuple[Path, np.ndarray]) -> None:
+    path, bank = bank_file
+    # One probed cell of ~400 rows cannot hold 1000 neighbours: faiss pads with id -1.
+    index = FaissIndex(path=path, dim=32, rows=bank.shape[0], threads=1, knn=KnnConfig(index="ivf", nprobe=1, nlist=30))
+    q = _clustered(20, 32, seed=2)
+    d, ids = index.search(q, 1000)
+    assert (ids >= 0).all()
+    np.testing.assert_allclose(d, _brute(bank, q, 1000)[0], rtol=1e-4, atol=1e-3)
+
+
+def test_matmul_search_equals_faiss() -> None:
+    # The GPU fallback's arithmetic, run with NumPy standing in for CuPy (no GPU here).
+    bank = _clustered(3000, 24, seed=3)
+    q = _clustered(200, 24, seed=4)
+    d2, ids = matmul_search(np, bank, (bank * bank).sum(axis=1), q, 5)
+    flat = faiss.IndexFlatL2(24)
+    flat.add(bank)
+    ref_d2, ref_ids = flat.search(q, 5)
+    np.testing.assert_allclose(d2, ref_d2, rtol=1e-3, atol=1e-2)
+    assert (ids == ref_ids).mean() > 0.99  # ties in float32 may swap
+    d1, ids1 = matmul_search(np, bank, (bank * bank).sum(axis=1), q, 1)
+    assert (ids1[:, 0] == ref_ids[:, 0]).all() and d1.shape == (200, 1)
+
+
+def test_cuda_without_a_gpu_is_one_clear_error(bank_file: tuple[Path, np.ndarray]) -> None:
+    path, bank = bank_file
+    if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+        pytest.skip("a GPU is present")
+    with pytest.raises(KnnError, match="knn.device is cuda but"):
+        FaissIndex(path=path, dim=32, rows=bank.shape[0], threads=1, knn=KnnConfig(device="cuda"))
+
+
+def test_bad_search_settings_are_rejected(bank_file: tuple[Path, np.ndarray]) -> None:
+    _, bank = bank_file
+    with pytest.raises(KnnError, match="must divide the embedding dim 32"):
+        build_search_index(bank, KnnConfig(index="ivfpq", pq_m=7))
+    assert ivf_lists(1_000_000, None) == 4000  # 4 sqrt(rows)
+    assert ivf_lists(16_384, None) == 420  # 4 sqrt(rows) = 512 would leave < 39 rows per cell
+    assert ivf_lists(100, None) == 2  # never fewer than ~39 training rows per cell
