@@ -1,7 +1,8 @@
 """Quality, recall and kNN time of memory-bank search choices, measured side by side in one run.
 
 Each choice is ``kind[:key=value,...]``: a ``runtime.knn`` setting (``flat``, ``ivf:nprobe=4``,
-``hnsw:ef_search=32``, ``ivfpq:nprobe=16``) optionally on a prefix of the bank (``rows=6144``;
+``hnsw:ef_search=32,exact_top=0``, ``ivfpq:nprobe=16``), searched through the daemon's own
+``FaissIndex``, optionally on a prefix of the bank (``rows=6144``;
 the bank is stored in greedy k-center order, so its first k rows are the greedy coreset of
 size k). Every test image is embedded once and searched by every choice; the table gives image
 AUROC, pixel AUROC, AUPRO, recall@1 against exact search on the same rows, and kNN time.
@@ -20,35 +21,32 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import faiss
 import numpy as np
 
 from calibration.evaluate import find_test_images
 from calibration.metrics import auroc, auroc_from_sorted, label_regions, pro_auc_from_regions
 from pipeline.config import Config, KnnConfig
 from pipeline.images import read_image, read_mask
-from pipeline.knn import build_search_index
+from pipeline.knn import FaissIndex
 from pipeline.patchcore import PatchCoreScorer, resize_for_model
 from pipeline.scoring import anomaly_map, reweighted_image_score
 
 
 def parse_choice(text: str) -> tuple[KnnConfig, int | None]:
     kind, _, rest = text.partition(":")
-    params: dict[str, int] = {}
+    params: dict[str, float] = {}
     for kv in filter(None, rest.split(",")):
         key, _, value = kv.partition("=")
-        params[key] = int(value)
+        params[key] = float(value) if "." in value else int(value)
     rows = params.pop("rows", None)
-    return KnnConfig(index=kind, **params), rows  # type: ignore[arg-type]
+    return KnnConfig.model_validate({"index": kind, **params}), None if rows is None else int(rows)
 
 
 @dataclass
 class Setup:
     name: str
-    index: Any
-    exact: Any
+    index: FaissIndex
     bank: np.ndarray
     build_s: float
     img: list[float] = field(default_factory=list)
@@ -74,11 +72,9 @@ def main() -> None:
     for text in args.choices:
         knn, rows = parse_choice(text)
         sub = np.ascontiguousarray(bank[: rows or bank.shape[0]])
-        exact = faiss.IndexFlatL2(bank.shape[1])
-        exact.add(sub)
         t = time.perf_counter()
-        index = exact if knn.index == "flat" else build_search_index(sub, knn)
-        setups.append(Setup(name=text, index=index, exact=exact, bank=sub, build_s=time.perf_counter() - t))
+        index = FaissIndex.from_bank(sub, threads=cfg.runtime.faiss_threads, knn=knn)
+        setups.append(Setup(name=text, index=index, bank=sub, build_s=time.perf_counter() - t))
     items = find_test_images(args.data)[:: args.every]
     labels = []
     for n, item in enumerate(items):
@@ -94,13 +90,13 @@ def main() -> None:
             t = time.perf_counter()
             _, ids = a.index.search(flat, 1)
             a.t.append(time.perf_counter() - t)
-            _, exact_ids = a.exact.search(flat, 1)
+            _, exact_ids = a.index.search_exact(flat, 1)
             a.hit += int((ids[:, 0] == exact_ids[:, 0]).sum())
             a.n += flat.shape[0]
             # Distances to the rows found, computed exactly (PQ reports code distances).
             dist = np.linalg.norm(sub[np.maximum(ids[:, 0], 0)] - flat, axis=1)
             w = int(np.argmax(dist))
-            _, nb = a.exact.search(sub[ids[w, 0]][None], min(cfg.scoring.num_neighbors, sub.shape[0]))
+            _, nb = a.index.search_exact(sub[ids[w, 0]][None], min(cfg.scoring.num_neighbors, sub.shape[0]))
             a.img.append(reweighted_image_score(float(dist[w]), np.linalg.norm(sub[nb[0]] - flat[w], axis=1)))
             amap = anomaly_map(
                 dist.reshape(feats.shape[:2]), stride=scorer.stride, out_hw=image.shape[:2], sigma=cfg.scoring.sigma

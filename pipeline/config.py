@@ -149,6 +149,13 @@ class KnnConfig(_Section):
     pq_m: int = Field(default=38, ge=1, le=1024, description="IVF-PQ sub-quantisers (must divide the embedding dim).")
     refine: int = Field(default=8, ge=1, le=1024, description="IVF-PQ: candidates re-ranked exactly per neighbour.")
     seed: int = Field(default=0, ge=0, description="Seed of the IVF k-means.")
+    exact_top: float = Field(
+        default=0.02,
+        ge=0.0,
+        le=1.0,
+        description="Fraction of each frame's patches with the highest approximate scores that are "
+        "searched again exhaustively: the scores that decide defects and the image score stay exact.",
+    )
     device: Literal["cpu", "cuda"] = Field(
         default="cpu",
         description="cuda: exact search on the GPU (faiss-gpu if installed, else CuPy); index is then ignored.",

@@ -142,6 +142,13 @@ class _GpuSearch:
 class FaissIndex:
     """Memory bank searcher: Euclidean distances (not squared) to the k nearest bank rows."""
 
+    @classmethod
+    def from_bank(cls, bank: np.ndarray, *, threads: int, knn: KnnConfig) -> FaissIndex:
+        """Search structure over bank rows in memory (benchmarks compare choices on one bank)."""
+        obj = cls.__new__(cls)
+        obj._setup(np.ascontiguousarray(bank, dtype=np.float32), threads=threads, knn=knn)
+        return obj
+
     def __init__(self, *, path: Path, dim: int, rows: int, threads: int, knn: KnnConfig | None = None) -> None:
         if threads < 1:
             raise KnnError(f"threads must be >= 1, got {threads}")
@@ -155,13 +162,18 @@ class FaissIndex:
             raise KnnError(f"index has dim {stored.d}, manifest says {dim}")
         if stored.ntotal != rows:
             raise KnnError(f"index has {stored.ntotal} rows, manifest says {rows}")
-        faiss.omp_set_num_threads(threads)
-        self.knn = knn if knn is not None else KnnConfig()
-        self.dim = dim
-        self.rows = rows
         # The bank is small (rows x dim float32); PatchCore's image score needs its rows.
-        self.vectors = np.ascontiguousarray(stored.reconstruct_n(0, rows), dtype=np.float32)
-        self._exact = faiss.IndexFlatL2(dim)
+        bank = np.ascontiguousarray(stored.reconstruct_n(0, rows), dtype=np.float32)
+        self._setup(bank, threads=threads, knn=knn if knn is not None else KnnConfig())
+
+    def _setup(self, bank: np.ndarray, *, threads: int, knn: KnnConfig) -> None:
+        if threads < 1:
+            raise KnnError(f"threads must be >= 1, got {threads}")
+        faiss.omp_set_num_threads(threads)
+        self.knn = knn
+        self.rows, self.dim = bank.shape
+        self.vectors = bank
+        self._exact = faiss.IndexFlatL2(self.dim)
         self._exact.add(self.vectors)
         self._gpu: _GpuSearch | None = None
         self._index: faiss.Index
@@ -182,7 +194,25 @@ class FaissIndex:
         if missed.size:
             # IVF: the probed cells held fewer than k rows; search those queries exhaustively.
             d2[missed], ids[missed] = self._exact.search(q[missed], k)
+        if self.knn.index != "flat" and self._gpu is None and self.knn.exact_top > 0 and len(q) > 1:
+            self._exact_top(q, d2, ids, k)
         return np.sqrt(np.maximum(d2, 0.0, out=d2), out=d2), ids
+
+    def _exact_top(self, q: np.ndarray, d2: np.ndarray, ids: np.ndarray, k: int) -> None:
+        # An approximate neighbour is a real bank row, so its distance can only over-estimate a
+        # patch score. The highest scores decide defects and the image score: search them again
+        # exhaustively until the top fraction holds exact scores only (HNSW can miss badly on
+        # far-off queries; a re-searched score may drop and let another one into the top).
+        n = len(q)
+        n_top = max(1, int(np.ceil(self.knn.exact_top * n)))
+        exact = np.zeros(n, dtype=bool)
+        for _ in range(16):
+            top = np.argpartition(d2[:, 0], n - n_top)[n - n_top :]
+            todo = top[~exact[top]]
+            if todo.size == 0:
+                return
+            d2[todo], ids[todo] = self._exact.search(q[todo], k)
+            exact[todo] = True
 
     def search_exact(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Exhaustive search over the bank on the CPU: the reference for recall, and N_b(m*)."""

@@ -101,3 +101,21 @@ def test_bad_search_settings_are_rejected(bank_file: tuple[Path, np.ndarray]) ->
     assert ivf_lists(1_000_000, None) == 4000  # 4 sqrt(rows)
     assert ivf_lists(16_384, None) == 420  # 4 sqrt(rows) = 512 would leave < 39 rows per cell
     assert ivf_lists(100, None) == 2  # never fewer than ~39 training rows per cell
+
+
+def test_the_highest_approximate_scores_are_searched_again_exactly(bank_file: tuple[Path, np.ndarray]) -> None:
+    path, bank = bank_file
+    rng = np.random.default_rng(5)
+    q = _clustered(2000, 32, seed=6)
+    q[:20] += rng.standard_normal((20, 32)).astype(np.float32) * 6  # far-off patches: defects
+    knn = KnnConfig(index="hnsw", hnsw_m=8, ef_search=8, exact_top=0.02)
+    index = FaissIndex(path=path, dim=32, rows=bank.shape[0], threads=1, knn=knn)
+    d, _ = index.search(q, 1)
+    exact, _ = index.search_exact(q, 1)
+    top = np.argsort(d[:, 0])[-40:]  # the 2 % re-searched
+    np.testing.assert_allclose(d[top, 0], exact[top, 0], rtol=1e-5)
+    assert d.max() == pytest.approx(exact.max(), rel=1e-5)
+    sloppy = FaissIndex.from_bank(bank, threads=1, knn=knn.model_copy(update={"exact_top": 0.0}))
+    d0, _ = sloppy.search(q, 1)
+    print(f"worst over-estimate without the exact top: {float((d0[:, 0] / exact[:, 0]).max()):.2f}x")
+    assert (d0[:, 0] > exact[:, 0] * 1.001).sum() > (d[:, 0] > exact[:, 0] * 1.001).sum()
