@@ -92,6 +92,9 @@ def fit_bundle(*, data: Path, out: Path, cfg: Config, model_dir: Path | None = N
         input_channels=channels,
         threads=cfg.runtime.onnx_threads,
         providers=cfg.runtime.providers,
+        optimization=cfg.runtime.onnx_optimization,
+        arena=cfg.runtime.onnx_arena,
+        spinning=cfg.runtime.onnx_spinning,
     )
     coreset = StreamingCoreset(
         dim=info.embedding_dim,

@@ -137,12 +137,12 @@ class KnnConfig(_Section):
     ``benchmarks/speed.py`` (README, "Speed")."""
 
     index: Literal["flat", "ivf", "hnsw", "ivfpq"] = Field(
-        default="flat",
+        default="ivf",
         description="flat: exact, cost grows with the bank; ivf: k-means cells, searches nprobe of them; "
         "hnsw: graph search, ef_search candidates; ivfpq: ivf on 8-bit product-quantised codes, re-ranked exactly.",
     )
     nlist: int | None = Field(default=None, ge=1, le=1_000_000, description="IVF cells; null = 4 sqrt(bank rows).")
-    nprobe: int = Field(default=8, ge=1, le=65_536, description="IVF cells searched per query (recall vs time).")
+    nprobe: int = Field(default=4, ge=1, le=65_536, description="IVF cells searched per query (recall vs time).")
     hnsw_m: int = Field(default=32, ge=4, le=256, description="HNSW links per node.")
     ef_construction: int = Field(default=80, ge=8, le=4096, description="HNSW build-time candidate list.")
     ef_search: int = Field(default=48, ge=1, le=4096, description="HNSW search-time candidate list (recall vs time).")
@@ -150,7 +150,7 @@ class KnnConfig(_Section):
     refine: int = Field(default=8, ge=1, le=1024, description="IVF-PQ: candidates re-ranked exactly per neighbour.")
     seed: int = Field(default=0, ge=0, description="Seed of the IVF k-means.")
     exact_top: float = Field(
-        default=0.02,
+        default=0.005,
         ge=0.0,
         le=1.0,
         description="Fraction of each frame's patches with the highest approximate scores that are "
@@ -166,6 +166,17 @@ class RuntimeConfig(_Section):
     """Threads and accelerators of the heavy libraries."""
 
     onnx_threads: int = Field(default=2, ge=1, le=256, description="onnxruntime intra-op threads.")
+    onnx_optimization: Literal["basic", "extended", "all"] = Field(
+        default="all", description="onnxruntime graph optimisation level (all: layout and fusion rewrites)."
+    )
+    onnx_arena: bool = Field(
+        default=True, description="onnxruntime CPU memory arena: buffers reused across frames instead of reallocated."
+    )
+    onnx_spinning: bool = Field(
+        default=False,
+        description="onnxruntime worker threads spin while idle. Off: they would steal the cores the kNN stage "
+        "uses at the same time (benchmarks/embed_options.py).",
+    )
     faiss_threads: int = Field(default=2, ge=1, le=256, description="faiss OpenMP threads.")
     knn: KnnConfig = Field(default_factory=KnnConfig, description="Search structure of the memory bank.")
     providers: tuple[Literal["CPUExecutionProvider", "CUDAExecutionProvider"], ...] = Field(
@@ -281,6 +292,14 @@ class DaemonConfig(_Section):
     min_area_px: int = Field(default=16, ge=1, description="Smallest defect, in pixels.")
     queue_frames: int = Field(default=4, ge=1, le=1024, description="Frames waiting for scoring before drops.")
     queue_results: int = Field(default=64, ge=1, le=65536, description="Scored frames waiting for publishing.")
+    frames_in_flight: int = Field(
+        default=1,
+        ge=1,
+        le=2,
+        description="Frames between embed and score at once. 1: one frame at a time, each stage on all cores "
+        "(steadiest latency); 2: embedding the next frame overlaps the kNN of the previous one (about 7 % more "
+        "throughput, p99 latency 1.6-2x p50). Measured by benchmarks/speed.py.",
+    )
     pub_endpoint: str = Field(
         default="tcp://127.0.0.1:5555", description="ZeroMQ PUB endpoint (alerts, frames, heartbeat)."
     )

@@ -155,6 +155,8 @@ class Daemon:
         # Small: only the embed/score hand-over; backpressure beyond it lands on `frames`.
         self.embedded: queue.Queue[Any] = queue.Queue(maxsize=2)
         self.embedding_done = threading.Event()
+        # Tokens for frames between the start of embedding and the end of scoring.
+        self._in_flight = threading.Semaphore(cfg.frames_in_flight)
         self.results: queue.Queue[Any] = queue.Queue(maxsize=cfg.queue_results)
         self.publisher = Publisher(
             context=self._context, endpoint=cfg.pub_endpoint, camera_id=cfg.camera_id, send_hwm=cfg.send_hwm
@@ -209,9 +211,18 @@ class Daemon:
     def _load(self, bundle: Path) -> FrameScorer:
         scorer = PatchCoreScorer.open(bundle, runtime=self.runtime, scoring=self.scoring)
         try:
-            return FrameScorer(scorer=scorer, tile=self.cfg.tile, margin=self.cfg.tile_margin)
+            fs = FrameScorer(scorer=scorer, tile=self.cfg.tile, margin=self.cfg.tile_margin)
         except ValueError as err:
             raise StripinspectError(f"{bundle}: {err}") from None
+        if scorer.channels == self.source.channels:
+            # One frame of the real size before the first real one: onnxruntime sizes its arena
+            # and picks kernels per input shape, which otherwise makes frame one twice as slow
+            # and the p99 latency a start-up artefact.
+            lines, width = self.cfg.frame_lines, self.source.width
+            feats = fs.features(np.zeros((lines, width, scorer.channels), dtype=np.uint8))
+            patch, first, _ = fs.search_band(feats, valid=(0, lines), lines=lines)
+            fs.band_map(patch, first, out_hw=(lines, width))
+        return fs
 
     # --- threads ------------------------------------------------------------------------
 
@@ -319,12 +330,16 @@ class Daemon:
                 if self._pending_recipe is not None:
                     (self.cfg, self.flatfield), self._pending_recipe = self._pending_recipe, None
                 fs, threshold, cfg, flatfield = self.frame_scorer, self.threshold, self.cfg, self.flatfield
+            while not self._in_flight.acquire(timeout=0.2):
+                if self.failed is not None:
+                    return
             t0 = time.perf_counter()
             pixels = item.pixels if flatfield is None else flatfield.apply(item.pixels)
             t1 = time.perf_counter()
             try:
                 feats = fs.features(fs.scorer.check_image(pixels))
             except ValueError as err:
+                self._in_flight.release()
                 self.stats.drop("embed", "bad_frame")
                 log.warning("frame %d skipped: %s", item.frame_id, err)
                 continue
@@ -353,7 +368,10 @@ class Daemon:
                     continue
                 if item is _END:
                     break
-                scored = self._score(item)
+                try:
+                    scored = self._score(item)
+                finally:
+                    self._in_flight.release()
                 if scored is None:
                     continue
                 try:

@@ -20,6 +20,13 @@ OUTPUT_NAME = "features"
 MIN_SIDE = 48
 
 
+_OPT_LEVELS = {
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
 class EmbedderError(StripinspectError):
     """The ONNX model cannot be used (missing, wrong inputs or outputs, no provider)."""
 
@@ -36,6 +43,9 @@ class OnnxEmbedder:
         threads: int,
         providers: Sequence[str] = ("CPUExecutionProvider",),
         warmup_hw: tuple[int, int] | None = (64, 64),
+        optimization: str = "all",
+        arena: bool = True,
+        spinning: bool = False,
     ) -> None:
         if threads < 1:
             raise EmbedderError(f"threads must be >= 1, got {threads}")
@@ -52,7 +62,11 @@ class OnnxEmbedder:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if optimization not in _OPT_LEVELS:
+            raise EmbedderError(f"optimization must be one of {sorted(_OPT_LEVELS)}, got {optimization!r}")
+        opts.graph_optimization_level = _OPT_LEVELS[optimization]
+        opts.enable_cpu_mem_arena = arena
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         try:
             self._session = ort.InferenceSession(str(model_path), sess_options=opts, providers=chosen)
         except Exception as err:  # onnxruntime raises its own untyped Fail/InvalidGraph errors

@@ -18,6 +18,7 @@ import numpy as np
 
 from pipeline.config import KnnConfig
 from pipeline.errors import StripinspectError
+from pipeline.matmul_knn import matmul_search
 
 INDEX_TYPES = ("flat",)
 # faiss' k-means wants at least this many training points per centroid (it warns below 39).
@@ -88,21 +89,6 @@ def build_search_index(bank: np.ndarray, knn: KnnConfig) -> faiss.Index:
     refined.k_factor = float(knn.refine)
     refined.add(bank)
     return refined
-
-
-def matmul_search(xp: Any, bank: Any, bank_sq: Any, queries: Any, k: int) -> tuple[Any, Any]:
-    """Exact k-NN by one matrix product, in array module ``xp`` (CuPy on a GPU; NumPy in tests).
-
-    ||q - b||^2 = ||q||^2 - 2 q.b + ||b||^2. Returns squared distances (n, k) ascending and ids.
-    """
-    d2 = (queries * queries).sum(axis=1, keepdims=True) - 2.0 * (queries @ bank.T) + bank_sq[None, :]
-    if k == 1:
-        ids = xp.argmin(d2, axis=1)[:, None]
-    else:
-        part = xp.argpartition(d2, k - 1, axis=1)[:, :k]
-        order = xp.argsort(xp.take_along_axis(d2, part, axis=1), axis=1)
-        ids = xp.take_along_axis(part, order, axis=1)
-    return xp.take_along_axis(d2, ids, axis=1), ids
 
 
 class _GpuSearch:

@@ -64,6 +64,9 @@ class PatchCoreScorer:
                 input_channels=manifest.input.channels,
                 threads=runtime.onnx_threads,
                 providers=runtime.providers,
+                optimization=runtime.onnx_optimization,
+                arena=runtime.onnx_arena,
+                spinning=runtime.onnx_spinning,
             )
             index = FaissIndex(
                 path=Path(bundle_dir) / INDEX_FILE,

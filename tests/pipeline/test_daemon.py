@@ -32,7 +32,12 @@ def _threshold(bundle: Path) -> float:
 
 
 def _run(
-    bundle: Path, threshold: float, source_cfg: SourceConfig, mm_per_line: float = MM_LINE, track_edges: bool = False
+    bundle: Path,
+    threshold: float,
+    source_cfg: SourceConfig,
+    mm_per_line: float = MM_LINE,
+    track_edges: bool = False,
+    in_flight: int = 1,
 ) -> tuple[list[dict], object, SyntheticSource, dict]:
     cfg = DaemonConfig(
         bundle=bundle,
@@ -48,6 +53,7 @@ def _run(
         track_edges=track_edges,
         queue_frames=1000,
         source=source_cfg,
+        frames_in_flight=in_flight,
     )
     source = SyntheticSource(cfg=source_cfg, width=WIDTH, seed=3, frame_lines=FRAME)
     ctx = zmq.Context()
@@ -67,11 +73,12 @@ def _run(
     return alerts, report, source, stats
 
 
-def test_alerts_match_planted_defects(strip_bundle: Path) -> None:
+@pytest.mark.parametrize("in_flight", [1, 2], ids=["one-frame-at-a-time", "embed-overlaps-knn"])
+def test_alerts_match_planted_defects(strip_bundle: Path, in_flight: int) -> None:
     threshold = _threshold(strip_bundle)
     step = FRAME - OVERLAP
     src = SourceConfig(block_lines=100, strip_lines=OVERLAP + 24 * step, first_line=40_000, defects_per_100_frames=150)
-    alerts, report, source, stats = _run(strip_bundle, threshold, src)
+    alerts, report, source, stats = _run(strip_bundle, threshold, src, in_flight=in_flight)
     assert report.gaps == []
     assert report.received["alert"] == len(alerts) == stats["counts"].get("alerts_total", 0)
     assert stats["drops"] == {}

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from pipeline.config import KnnConfig
-from pipeline.knn import FaissIndex, KnnError, build_index, build_search_index, ivf_lists, matmul_search, write_index
+from pipeline.knn import FaissIndex, KnnError, build_index, build_search_index, ivf_lists, write_index
+from pipeline.matmul_knn import matmul_search
 
 
 def _clustered(n: int, dim: int, seed: int) -> np.ndarray:
@@ -82,7 +83,7 @@ def test_matmul_search_equals_faiss() -> None:
     ref_d2, ref_ids = flat.search(q, 5)
     np.testing.assert_allclose(d2, ref_d2, rtol=1e-3, atol=1e-2)
     assert (ids == ref_ids).mean() > 0.99  # ties in float32 may swap
-    d1, ids1 = matmul_search(np, bank, (bank * bank).sum(axis=1), q, 1)
+    d1, ids1 = matmul_search(np, bank, (bank * bank).sum(axis=1), q, 1, chunk=64)  # 4 chunks
     assert (ids1[:, 0] == ref_ids[:, 0]).all() and d1.shape == (200, 1)
 
 
