@@ -179,10 +179,19 @@ class RuntimeConfig(_Section):
     )
     faiss_threads: int = Field(default=2, ge=1, le=256, description="faiss OpenMP threads.")
     knn: KnnConfig = Field(default_factory=KnnConfig, description="Search structure of the memory bank.")
-    providers: tuple[Literal["CPUExecutionProvider", "CUDAExecutionProvider"], ...] = Field(
-        default=("CPUExecutionProvider",),
-        min_length=1,
-        description="onnxruntime execution providers in order of preference.",
+    providers: tuple[Literal["CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"], ...] = (
+        Field(
+            default=("CPUExecutionProvider",),
+            min_length=1,
+            description="onnxruntime execution providers in order of preference; those not installed are skipped "
+            "(GPU ones need `pip install .[gpu]`).",
+        )
+    )
+    gpu_fp16: bool = Field(
+        default=True, description="TensorRT: build fp16 engines (the features stay float32 at the output)."
+    )
+    trt_cache_dir: Path | None = Field(
+        default=None, description="TensorRT: engine cache folder, so a restart does not rebuild engines (minutes)."
     )
 
 
@@ -238,6 +247,23 @@ class SourceConfig(_Section):
     folder: Path | None = Field(default=None, description="Images replayed in name order (kind: folder).")
     video: Path | None = Field(default=None, description="Video file read through OpenCV (kind: video).")
     genicam: GenicamConfig = Field(default_factory=lambda: GenicamConfig(), description="Camera settings (genicam).")
+
+
+class JournalConfig(_Section):
+    """Durable alert journal (SQLite, WAL): alerts are committed before they are published, and a
+    subscriber fetches what it missed with the control command ``replay``."""
+
+    path: Path | None = Field(
+        default=Path("stripinspect-alerts.sqlite"),
+        description="Journal file (relative paths: from the working directory; the systemd unit uses "
+        "/var/lib/stripinspect). null turns journaling off: missed alerts are then lost.",
+    )
+    max_rows: int = Field(default=1_000_000, ge=1, description="Alerts kept; older ones are pruned.")
+    max_age_days: float = Field(default=30.0, gt=0, le=3650, description="Alerts older than this are pruned.")
+    synchronous: Literal["NORMAL", "FULL"] = Field(
+        default="FULL", description="FULL: a committed alert survives a power cut; NORMAL: only a process crash."
+    )
+    replay_limit: int = Field(default=10_000, ge=1, le=1_000_000, description="Most alerts one replay returns.")
 
 
 class RecipeConfig(_Section):
@@ -305,6 +331,12 @@ class DaemonConfig(_Section):
     )
     control_endpoint: str = Field(default="tcp://127.0.0.1:5556", description="ZeroMQ REP control endpoint.")
     send_hwm: int = Field(default=10_000, ge=1, description="PUB high-water mark (messages per subscriber).")
+    journal: JournalConfig = Field(default_factory=JournalConfig, description="Durable alert journal.")
+    curve_keys: Path | None = Field(
+        default=None,
+        description="Keys folder for CURVE encryption and authentication of the PUB and control sockets "
+        "(`stripinspect keys --out DIR`). Required when the control endpoint is not on loopback.",
+    )
     heartbeat_s: float = Field(default=1.0, gt=0, le=60, description="Heartbeat period.")
     recipes: dict[str, RecipeConfig] = Field(
         default_factory=dict, description="Named grades; the control socket switches between them at a coil change."
@@ -342,6 +374,19 @@ class DaemonConfig(_Section):
         return self.model_copy(
             update={"bundle": r.bundle, "flatfield": r.flatfield, "threshold": r.threshold, "recipe": name}
         )
+
+    @model_validator(mode="after")
+    def _control_stays_private(self) -> DaemonConfig:
+        # Anyone who can reach the control socket can reload models and stop the line's
+        # inspection: off the host, only with CURVE authentication.
+        host = self.control_endpoint.removeprefix("tcp://").rsplit(":", 1)[0]
+        local = self.control_endpoint.startswith(("ipc://", "inproc://")) or host in ("127.0.0.1", "localhost", "[::1]")
+        if not local and self.curve_keys is None:
+            raise ValueError(
+                f"control_endpoint {self.control_endpoint!r} is not on loopback: set curve_keys so that only "
+                "authorised clients can send commands"
+            )
+        return self
 
     @model_validator(mode="after")
     def _frame_geometry(self) -> DaemonConfig:

@@ -28,10 +28,13 @@ from pipeline.edges import EdgeTracker, detect_edges, mask_outside
 from pipeline.errors import StripinspectError
 from pipeline.flatfield import FlatField
 from pipeline.framescore import FrameScorer
-from pipeline.linescan import LineAssembler
-from pipeline.messages import Defect, Frame
+from pipeline.journal import AlertJournal, JournalError
+from pipeline.linescan import BadBlockError, LineAssembler
+from pipeline.messages import Defect, Frame, LineBlock
 from pipeline.patchcore import PatchCoreScorer
-from pipeline.publish import Publisher
+from pipeline.publish import Publisher, alert_body
+from pipeline.ratelog import RateLimitedLog
+from pipeline.security import CurveServer
 from pipeline.sources import Source
 from pipeline.systemd import notify
 
@@ -122,6 +125,7 @@ class Daemon:
         self.scoring = scoring
         self.source = source
         self.stats = Stats()
+        self._ratelog = RateLimitedLog(log, interval_s=10.0)
         self.stop_event = threading.Event()
         self.eof = threading.Event()  # acquisition has ended
         self.scoring_done = threading.Event()
@@ -158,16 +162,39 @@ class Daemon:
         # Tokens for frames between the start of embedding and the end of scoring.
         self._in_flight = threading.Semaphore(cfg.frames_in_flight)
         self.results: queue.Queue[Any] = queue.Queue(maxsize=cfg.queue_results)
+        j = cfg.journal
+        self.journal: AlertJournal | None = None
+        if j.path is not None:
+            self.journal = AlertJournal(
+                path=j.path, max_rows=j.max_rows, max_age_s=j.max_age_days * 86400.0, synchronous=j.synchronous
+            )
+        self.curve: CurveServer | None = None
+        if cfg.curve_keys is not None:
+            self.curve = CurveServer(context=self._context, keys_dir=cfg.curve_keys)
+        secure = self.curve.secure if self.curve is not None else None
         self.publisher = Publisher(
-            context=self._context, endpoint=cfg.pub_endpoint, camera_id=cfg.camera_id, send_hwm=cfg.send_hwm
+            context=self._context,
+            endpoint=cfg.pub_endpoint,
+            camera_id=cfg.camera_id,
+            send_hwm=cfg.send_hwm,
+            secure=secure,
         )
+        if self.journal is not None:
+            # Alert numbers continue across restarts: a subscriber never sees one number twice.
+            self.publisher.seq["alert"] = self.journal.last_seq
         self._control = self._context.socket(zmq.REP)
         self._control.setsockopt(zmq.LINGER, 0)
+        if secure is not None:
+            secure(self._control)
         try:
             self._control.bind(cfg.control_endpoint)
         except zmq.ZMQError as err:
             self.publisher.close()
             self._control.close(0)
+            if self.journal is not None:
+                self.journal.close()
+            if self.curve is not None:
+                self.curve.stop()
             raise StripinspectError(f"cannot bind control {cfg.control_endpoint}: {err}") from None
         self.control_endpoint = self._control.getsockopt_string(zmq.LAST_ENDPOINT)
         self._threads: list[threading.Thread] = []
@@ -276,12 +303,8 @@ class Daemon:
                 break
             if block is None:
                 continue
-            try:
-                frames = self.assembler.push(block)
-            except ValueError as err:
-                self.stats.drop("acquire", "bad_block")
-                log.warning("bad line block skipped: %s", err)
-                self.assembler.reset()
+            frames = self._assemble(block)
+            if frames is None:
                 continue
             self.stats.count("lines_total", block.pixels.shape[0])
             for f in frames:
@@ -341,7 +364,7 @@ class Daemon:
             except ValueError as err:
                 self._in_flight.release()
                 self.stats.drop("embed", "bad_frame")
-                log.warning("frame %d skipped: %s", item.frame_id, err)
+                self._ratelog.warning("embed", "frame %d skipped: %s", item.frame_id, err)
                 continue
             t2 = time.perf_counter()
             self._put_blocking(
@@ -356,6 +379,23 @@ class Daemon:
                     seconds={"preprocess": t1 - t0, "embed": t2 - t1},
                 ),
             )
+
+    def _assemble(self, block: LineBlock) -> list[Frame] | None:
+        """Frames completed by ``block``; None when the block is bad (counted by reason, logged
+        at a limited rate, skipped). After lost lines the block starts a new frame sequence."""
+        try:
+            return self.assembler.push(block)
+        except BadBlockError as err:
+            self.stats.drop("acquire", err.reason)
+            self._ratelog.warning(err.reason, "line block skipped: %s", err)
+            if err.reason != "line_gap":
+                return None
+        self.assembler.reset()
+        try:
+            return self.assembler.push(block)
+        except BadBlockError as err:  # pragma: no cover - the block was checked just above
+            self.stats.drop("acquire", err.reason)
+            return None
 
     def _score_loop(self) -> None:
         try:
@@ -390,7 +430,7 @@ class Daemon:
             patch, first_row, _ = fs.search_band(item.features, valid=(frame.valid_from, frame.valid_to), lines=h)
         except ValueError as err:
             self.stats.drop("score", "bad_frame")
-            log.warning("frame %d skipped: %s", frame.frame_id, err)
+            self._ratelog.warning("score", "frame %d skipped: %s", frame.frame_id, err)
             return None
         t1 = time.perf_counter()
         amap = fs.band_map(patch, first_row, out_hw=(h, w))
@@ -472,8 +512,7 @@ class Daemon:
             t0 = time.perf_counter()
             f = item.frame
             end_md = f.md_m + f.pixels.shape[0] * self.cfg.mm_per_line / 1000.0
-            for d in item.defects:
-                self.publisher.alert(f, d, capture_md_m=end_md)
+            self._publish_alerts(f, item.defects, capture_md_m=end_md)
             parts: tuple[bytes, ...] = ()
             map_header: dict[str, Any] = {}
             if self.cfg.publish_maps and item.score_map is not None:
@@ -503,6 +542,28 @@ class Daemon:
             self.stats.time(secs)
         self.state = "stopped"
         self._heartbeat()
+
+    def _publish_alerts(self, frame: Frame, defects: list[Defect], *, capture_md_m: float) -> None:
+        headers = [self.publisher.stamp("alert", alert_body(frame, d, capture_md_m=capture_md_m)) for d in defects]
+        if not headers:
+            return
+        journaled = False
+        if self.journal is not None:
+            try:
+                self.journal.append(headers)  # committed before anyone can see them
+                journaled = True
+            except JournalError as err:
+                # Inspection goes on: the alerts are still published live, numbered after the
+                # last one, and the journal skips their numbers.
+                self.stats.drop("journal", "write_error")
+                log.error("%s", err)
+        if not journaled:
+            for i, h in enumerate(headers, start=1):
+                h["seq"] = self.publisher.seq["alert"] + i
+            if self.journal is not None:
+                self.journal.last_seq = headers[-1]["seq"]
+        for h in headers:
+            self.publisher.send_stamped(h)
 
     def _heartbeat(self) -> None:
         snap = self.stats.snapshot()
@@ -565,6 +626,8 @@ class Daemon:
                 self._pending, self._pending_threshold = fs, threshold
                 self._pending_recipe = (new_cfg, ff)
             return {"ok": True, "recipe": name}
+        if cmd == "replay":
+            return self._replay(req)
         if cmd == "stop":
             self.stop_event.set()
             return {"ok": True, "state": "stopping"}
@@ -587,7 +650,28 @@ class Daemon:
                 self._pending = new
                 self._pending_threshold = threshold
             return {"ok": True, "bundle": str(bundle)}
-        return {"ok": False, "error": f"unknown command {cmd!r}; known: status, reload, recipe, stop"}
+        return {"ok": False, "error": f"unknown command {cmd!r}; known: status, reload, recipe, replay, stop"}
+
+    def _replay(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Alerts after ``after`` from the journal (zguide Clone pattern: the subscriber keeps its
+        live subscription open while it fetches, then drops live alerts it already has)."""
+        if self.journal is None:
+            return {"ok": False, "error": "no alert journal (daemon.journal.path is null)"}
+        after = req.get("after", 0)
+        limit = req.get("limit", self.cfg.journal.replay_limit)
+        if not isinstance(after, int) or isinstance(after, bool) or after < 0:
+            return {"ok": False, "error": f"after must be an integer >= 0, got {after!r}"}
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+            return {"ok": False, "error": f"limit must be an integer >= 1, got {limit!r}"}
+        alerts = self.journal.after(after, min(limit, self.cfg.journal.replay_limit))
+        first = self.journal.first_seq()
+        return {
+            "ok": True,
+            "alerts": alerts,
+            "last_seq": self.journal.last_seq,
+            # Alerts between `after` and the oldest one kept were pruned (journal bounds).
+            "pruned": first is not None and first > after + 1,
+        }
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -607,6 +691,10 @@ class Daemon:
         self.publisher.close()
         self._control.close(0)
         self.source.close()
+        if self.journal is not None:
+            self.journal.close()
+        if self.curve is not None:
+            self.curve.stop()
 
     def run_until_done(self) -> None:
         """Until the source ends or ``stop``; then drain and close."""

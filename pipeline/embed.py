@@ -31,6 +31,23 @@ class EmbedderError(StripinspectError):
     """The ONNX model cannot be used (missing, wrong inputs or outputs, no provider)."""
 
 
+def provider_options(providers: Sequence[str], *, fp16: bool, trt_cache_dir: Path | None) -> list[dict[str, str]]:
+    """onnxruntime options per provider, in the order of ``providers``."""
+    out: list[dict[str, str]] = []
+    for p in providers:
+        if p == "TensorrtExecutionProvider":
+            trt = {"trt_fp16_enable": str(fp16), "trt_max_workspace_size": str(4 << 30)}
+            if trt_cache_dir is not None:
+                trt |= {"trt_engine_cache_enable": "True", "trt_engine_cache_path": str(trt_cache_dir)}
+            out.append(trt)
+        elif p == "CUDAExecutionProvider":
+            # Frames keep one size: search the fastest convolution algorithms once, then reuse them.
+            out.append({"cudnn_conv_algo_search": "EXHAUSTIVE", "do_copy_in_default_stream": "True"})
+        else:
+            out.append({})
+    return out
+
+
 class OnnxEmbedder:
     """uint8 pixels (N, H, W, C) -> float32 patch features (N, h, w, D), C-contiguous."""
 
@@ -46,6 +63,8 @@ class OnnxEmbedder:
         optimization: str = "all",
         arena: bool = True,
         spinning: bool = False,
+        gpu_fp16: bool = True,
+        trt_cache_dir: Path | None = None,
     ) -> None:
         if threads < 1:
             raise EmbedderError(f"threads must be >= 1, got {threads}")
@@ -68,7 +87,12 @@ class OnnxEmbedder:
         opts.enable_cpu_mem_arena = arena
         opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         try:
-            self._session = ort.InferenceSession(str(model_path), sess_options=opts, providers=chosen)
+            self._session = ort.InferenceSession(
+                str(model_path),
+                sess_options=opts,
+                providers=chosen,
+                provider_options=provider_options(chosen, fp16=gpu_fp16, trt_cache_dir=trt_cache_dir),
+            )
         except Exception as err:  # onnxruntime raises its own untyped Fail/InvalidGraph errors
             raise EmbedderError(f"cannot load ONNX model {model_path}: {str(err).splitlines()[0]}") from None
         inputs = self._session.get_inputs()

@@ -12,11 +12,42 @@ import numpy as np
 from pipeline.messages import Frame, LineBlock
 
 
+class BadBlockError(ValueError):
+    """A line block the assembler cannot take; ``reason`` names why, for the drop counters."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def check_block(block: LineBlock, *, width: int, channels: int) -> np.ndarray:
+    """The block's pixels as (lines, width, channels) uint8, or BadBlockError with the reason."""
+    px = block.pixels
+    if not isinstance(px, np.ndarray):
+        raise BadBlockError("not_an_array", f"line block pixels are {type(px).__name__}, not an array")
+    if px.dtype != np.uint8:
+        if px.dtype.kind == "f" and not np.isfinite(px).all():
+            raise BadBlockError("non_finite", f"line block {px.dtype} {px.shape} holds NaN or inf")
+        # Never guess a pixel scale from the data: only 8-bit lines are taken.
+        raise BadBlockError("wrong_dtype", f"line block is {px.dtype}, expected uint8")
+    if px.ndim == 2:
+        px = px[:, :, None]
+    if px.ndim != 3 or px.shape[1:] != (width, channels):
+        raise BadBlockError(
+            "wrong_shape", f"line block {px.shape} does not match the camera ({width} px, {channels} ch)"
+        )
+    if px.shape[0] == 0:
+        raise BadBlockError("empty", "line block has no lines")
+    return px
+
+
 class LineAssembler:
     """Feed ``LineBlock``s in strip order; take ``Frame``s out.
 
-    Lines must arrive contiguous: a block that does not start where the previous one ended
-    raises ValueError (the caller counts it and restarts the assembly with ``reset``).
+    Lines must arrive contiguous. A block that starts past where the previous one ended (lines
+    lost) raises BadBlockError("line_gap"): the caller counts it, calls ``reset`` and pushes the
+    block again as the start of a new sequence. A block that starts before (repeated or out of
+    order) raises BadBlockError("repeated_lines") and changes nothing.
     """
 
     def __init__(
@@ -44,15 +75,13 @@ class LineAssembler:
         self._frame_first = None
 
     def push(self, block: LineBlock) -> list[Frame]:
-        px = block.pixels
-        if px.ndim == 2:
-            px = px[:, :, None]
-        if px.dtype != np.uint8 or px.ndim != 3 or px.shape[1:] != (self.width, self.channels):
-            raise ValueError(
-                f"line block {px.dtype} {px.shape} does not match the camera ({self.width} px, {self.channels} ch)"
+        px = check_block(block, width=self.width, channels=self.channels)
+        if self._next_line is not None and block.first_line > self._next_line:
+            raise BadBlockError("line_gap", f"line gap: expected line {self._next_line}, got {block.first_line}")
+        if self._next_line is not None and block.first_line < self._next_line:
+            raise BadBlockError(
+                "repeated_lines", f"lines from {block.first_line} again or out of order (expected {self._next_line})"
             )
-        if self._next_line is not None and block.first_line != self._next_line:
-            raise ValueError(f"line gap: expected line {self._next_line}, got {block.first_line}")
         if self._frame_first is None:
             self._frame_first = block.first_line
         self._next_line = block.first_line + px.shape[0]

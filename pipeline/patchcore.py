@@ -67,6 +67,8 @@ class PatchCoreScorer:
                 optimization=runtime.onnx_optimization,
                 arena=runtime.onnx_arena,
                 spinning=runtime.onnx_spinning,
+                gpu_fp16=runtime.gpu_fp16,
+                trt_cache_dir=runtime.trt_cache_dir,
             )
             index = FaissIndex(
                 path=Path(bundle_dir) / INDEX_FILE,

@@ -12,6 +12,7 @@ import math
 import sys
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -133,6 +134,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 1 if daemon.failed is not None else 0
 
 
+def _client_keys(args: argparse.Namespace) -> Any:
+    from pipeline.listen import ClientKeys
+
+    if (args.client_key is None) != (args.server_key is None):
+        raise ConfigError("--client-key and --server-key go together (CURVE)")
+    return None if args.client_key is None else ClientKeys(client_key=args.client_key, server_key=args.server_key)
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from pipeline.security import create_keys
+
+    create_keys(args.out, args.clients)
+    print(f"{args.out}: server certificate, {len(args.clients)} client certificate(s) in {args.out / 'clients'}")
+    print(f"set daemon.curve_keys: {args.out}; give each client its clients/<name>.key_secret and server.key")
+    return 0
+
+
 def cmd_listen(args: argparse.Namespace) -> int:
     from pipeline.listen import deadline, json_line, listen
 
@@ -143,13 +161,20 @@ def cmd_listen(args: argparse.Namespace) -> int:
             topics=tuple(args.topics),
             on_message=lambda t, h: print(json_line(t, h), file=out, flush=True),
             stop=deadline(args.seconds),
+            control_endpoint=args.control,
+            since=args.since,
+            keys=_client_keys(args),
         )
     finally:
         if out is not sys.stdout:
             out.close()
     for topic, want, got in report.gaps:
         print(f"gap on {topic}: expected seq {want}, got {got}", file=sys.stderr)
-    print(f"received {report.received}, {len(report.gaps)} gap(s)", file=sys.stderr)
+    print(
+        f"received {report.received}, {report.recovered} alert(s) recovered from the journal, "
+        f"last alert seq {report.last_alert}, {len(report.gaps)} gap(s)",
+        file=sys.stderr,
+    )
     return 0 if not report.gaps else 3
 
 
@@ -347,7 +372,22 @@ def build_parser() -> argparse.ArgumentParser:
     li.add_argument("--topics", nargs="+", default=["alert"], choices=["alert", "frame", "heartbeat"])
     li.add_argument("--out", type=Path, default=None, help="append JSON lines to this file")
     li.add_argument("--seconds", type=float, default=None, help="stop after this long")
+    li.add_argument(
+        "--control",
+        default=None,
+        help="the daemon's control endpoint: fill gaps in alert numbers from its journal (and --since)",
+    )
+    li.add_argument(
+        "--since", type=int, default=None, help="with --control: first fetch every alert after this seq (the last seen)"
+    )
+    li.add_argument("--client-key", type=Path, default=None, help="CURVE: this client's .key_secret file")
+    li.add_argument("--server-key", type=Path, default=None, help="CURVE: the daemon's server.key file")
     li.set_defaults(func=cmd_listen)
+
+    ky = sub.add_parser("keys", help="create a CURVE keys folder: server certificate and authorised clients")
+    ky.add_argument("--out", type=Path, required=True)
+    ky.add_argument("--clients", nargs="+", default=["plc"], help="names of client certificates to create")
+    ky.set_defaults(func=cmd_keys)
 
     rj = sub.add_parser("reject-sim", help="play a reject actuator: fire time per alert, report late alerts")
     rj.add_argument("endpoint", help="the daemon's PUB endpoint")

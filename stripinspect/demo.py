@@ -137,6 +137,8 @@ def run_daemon_demo(*, cfg: Config, bundle: Path, steps: int = 24) -> dict[str, 
             "pub_endpoint": "tcp://127.0.0.1:*",
             "control_endpoint": "tcp://127.0.0.1:*",
             "queue_frames": 1000,
+            # The demo's alert journal lives beside its other outputs.
+            "journal": d.journal.model_copy(update={"path": bundle.parent / "alerts.sqlite"}),
         }
     )
     source = SyntheticSource(cfg=src, width=cfg.synthetic.width, seed=cfg.synthetic.seed, frame_lines=d.frame_lines)

@@ -21,6 +21,12 @@ def small_config() -> Config:
     return Config(synthetic=SMALL_SYNTHETIC)
 
 
+@pytest.fixture(autouse=True)
+def _run_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Relative default paths (the alert journal) land in the test's own folder, not the repo.
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture(scope="session")
 def effnet_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from export.onnx_export import export_backbone

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from pipeline.linescan import LineAssembler
+from pipeline.linescan import BadBlockError, LineAssembler
 from pipeline.messages import LineBlock
 
 
@@ -27,15 +27,29 @@ def test_frames_overlap_and_cover_every_line_once(block: int) -> None:
     assert owned == list(range(owned[0], owned[-1] + 1)) and owned[0] == 0
 
 
-def test_gap_and_bad_blocks_are_refused() -> None:
+@pytest.mark.parametrize(
+    ("pixels", "first_line", "reason"),
+    [
+        (np.zeros((10, 8), np.uint8), 11, "line_gap"),
+        (np.zeros((10, 8), np.uint8), 5, "repeated_lines"),
+        (np.zeros((10, 8), np.uint8), 0, "repeated_lines"),
+        (np.zeros((10, 9), np.uint8), 10, "wrong_shape"),
+        (np.zeros((10, 8, 3), np.uint8), 10, "wrong_shape"),
+        (np.zeros((0, 8), np.uint8), 10, "empty"),
+        (np.zeros((10, 8), np.float32), 10, "wrong_dtype"),
+        (np.full((10, 8), np.nan, np.float32), 10, "non_finite"),
+        (np.zeros((10, 8), np.uint16), 10, "wrong_dtype"),
+    ],
+)
+def test_bad_blocks_are_refused_with_a_reason(pixels: np.ndarray, first_line: int, reason: str) -> None:
     asm = LineAssembler(width=8, channels=1, lines=32, overlap=8, mm_per_line=1.0, camera_id="c0")
     asm.push(LineBlock(pixels=np.zeros((10, 8), np.uint8), first_line=0, capture_time=0.0))
-    with pytest.raises(ValueError, match="line gap"):
-        asm.push(LineBlock(pixels=np.zeros((10, 8), np.uint8), first_line=11, capture_time=0.0))
-    with pytest.raises(ValueError, match="does not match"):
-        asm.push(LineBlock(pixels=np.zeros((10, 9), np.uint8), first_line=10, capture_time=0.0))
-    with pytest.raises(ValueError, match="does not match"):
-        asm.push(LineBlock(pixels=np.zeros((10, 8), np.float32), first_line=10, capture_time=0.0))
+    with pytest.raises(BadBlockError) as err:
+        asm.push(LineBlock(pixels=pixels, first_line=first_line, capture_time=0.0))
+    assert err.value.reason == reason
+    # A refused block changes nothing: the sequence continues where it was.
+    frames = asm.push(LineBlock(pixels=np.ones((30, 8), np.uint8), first_line=10, capture_time=0.0))
+    assert [f.first_line for f in frames] == [0]
     asm.reset()
     assert (
         asm.push(LineBlock(pixels=np.zeros((40, 8), np.uint8), first_line=500, capture_time=0.0))[0].first_line == 500
