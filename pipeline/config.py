@@ -338,6 +338,15 @@ class DaemonConfig(_Section):
         "(`stripinspect keys --out DIR`). Required when the control endpoint is not on loopback.",
     )
     heartbeat_s: float = Field(default=1.0, gt=0, le=60, description="Heartbeat period.")
+    camera_stall_s: float = Field(
+        default=2.0, gt=0, le=3600, description="No lines for this long: the heartbeat says camera_offline."
+    )
+    camera_reconnect_s: float = Field(
+        default=5.0, gt=0, le=3600, description="No lines for this long: close and reopen the camera."
+    )
+    camera_backoff_max_s: float = Field(
+        default=30.0, gt=0, le=3600, description="Reopen attempts back off by doubling up to this interval."
+    )
     recipes: dict[str, RecipeConfig] = Field(
         default_factory=dict, description="Named grades; the control socket switches between them at a coil change."
     )

@@ -28,6 +28,7 @@ from pipeline.edges import EdgeTracker, detect_edges, mask_outside
 from pipeline.errors import StripinspectError
 from pipeline.flatfield import FlatField
 from pipeline.framescore import FrameScorer
+from pipeline.genicam import CameraError
 from pipeline.journal import AlertJournal, JournalError
 from pipeline.linescan import BadBlockError, LineAssembler
 from pipeline.messages import Defect, Frame, LineBlock
@@ -125,6 +126,7 @@ class Daemon:
         self.scoring = scoring
         self.source = source
         self.stats = Stats()
+        self.camera_online = True
         self._ratelog = RateLimitedLog(log, interval_s=10.0)
         self.stop_event = threading.Event()
         self.eof = threading.Event()  # acquisition has ended
@@ -295,14 +297,44 @@ class Daemon:
     def _acquire(self) -> None:
         while not self.stop_event.is_set() and not self._acquire_go.wait(0.1):
             pass
+        last_block = time.monotonic()
+        next_reopen, backoff = 0.0, 0.0
         while not self.stop_event.is_set():
             t0 = time.perf_counter()
             try:
                 block = self.source.read(timeout=0.2)
             except EOFError:
                 break
+            except CameraError as err:
+                # A camera that vanished mid-read: treated as a stall, reopened below.
+                self._ratelog.warning("camera", "camera read failed: %s", err)
+                block = None
+            now = time.monotonic()
             if block is None:
+                idle = now - last_block
+                if idle > self.cfg.camera_stall_s and self.camera_online:
+                    self.camera_online = False
+                    self.stats.count("camera_offline_total")
+                    log.warning("no lines from the camera for %.1f s: camera_offline", idle)
+                reopen = getattr(self.source, "reopen", None)
+                due = idle > self.cfg.camera_reconnect_s and now >= next_reopen
+                if not self.camera_online and reopen is not None and due:
+                    try:
+                        reopen()
+                        self.stats.count("camera_reopens_total")
+                        log.info("camera reopened; waiting for lines")
+                        last_block = now  # give it a stall period to deliver
+                        backoff = 0.0
+                    except CameraError as err:
+                        backoff = min(self.cfg.camera_backoff_max_s, max(1.0, 2 * backoff))
+                        next_reopen = now + backoff
+                        self._ratelog.warning("reopen", "camera reopen failed (next try in %.0f s): %s", backoff, err)
                 continue
+            if not self.camera_online:
+                self.camera_online = True
+                self.assembler.reset()  # lines across the outage are gone; start a new sequence
+                log.info("camera back online after %.1f s", now - last_block)
+            last_block = now
             frames = self._assemble(block)
             if frames is None:
                 continue
@@ -568,7 +600,11 @@ class Daemon:
     def _heartbeat(self) -> None:
         snap = self.stats.snapshot()
         drift = self.drift()
-        state = "drift" if drift["drifting"] and self.state == "running" else self.state
+        state = self.state
+        if state == "running" and not self.camera_online:
+            state = "camera_offline"
+        elif state == "running" and drift["drifting"]:
+            state = "drift"
         scored = snap["counts"].get("frames_scored_total", 0)
         if scored > self._last_scored:
             # The systemd watchdog is fed only while frames advance.

@@ -44,6 +44,19 @@ class GenicamSource:
         aravis, glib_error = _aravis()
         self._aravis = aravis
         self._glib_error = glib_error
+        self._cfg = cfg
+        self._open()
+        self.channels = 1
+        self.timeout_s = cfg.timeout_s
+        self.model = self._cam.get_model_name()
+        self.incomplete = 0
+        self.stalls = 0
+        self.reopens = 0
+        self._last_id: int | None = None
+        self._line = 0
+
+    def _open(self) -> None:
+        aravis, glib_error, cfg = self._aravis, self._glib_error, self._cfg
         try:
             aravis.update_device_list()
             self._cam = aravis.Camera.new(cfg.device_id)
@@ -64,13 +77,17 @@ class GenicamSource:
             self._cam.start_acquisition()
         except glib_error as err:
             raise CameraError(f"camera {cfg.device_id or '(first found)'}: {err}") from None
-        self.channels = 1
-        self.timeout_s = cfg.timeout_s
-        self.model = self._cam.get_model_name()
-        self.incomplete = 0
-        self.stalls = 0
-        self._last_id: int | None = None
-        self._line = 0
+
+    def reopen(self) -> None:
+        """Open the camera again after it stalled or vanished (CameraError while it is away).
+        Line numbers jump past the outage so that the frame assembler starts a new sequence."""
+        self.close()
+        self._cam = None
+        self._stream = None
+        self._open()
+        self.reopens += 1
+        self._last_id = None
+        self._line += 1_000_000
 
     def read(self, timeout: float) -> LineBlock | None:
         buf = self._stream.timeout_pop_buffer(int(min(timeout, self.timeout_s) * 1e6))
@@ -99,6 +116,8 @@ class GenicamSource:
             self._stream.push_buffer(buf)
 
     def close(self) -> None:
+        if self._cam is None:
+            return
         try:
             self._cam.stop_acquisition()
         except self._glib_error as err:
