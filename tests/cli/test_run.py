@@ -81,3 +81,19 @@ def test_bad_bundle_exits_nonzero_with_one_line(tmp_path: Path) -> None:
     )
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1].startswith("error:") and "not a bundle" in out.stderr
+
+
+def test_missing_calibration_exits_nonzero_with_one_line(tmp_path: Path, strip_bundle: Path) -> None:
+    path = tmp_path / "c.yaml"
+    cfg = {"daemon": {"bundle": str(strip_bundle), "flatfield": str(tmp_path / "flatfield.npz"), "metrics_port": None}}
+    path.write_text(yaml.safe_dump(cfg))
+    out = subprocess.run(
+        [sys.executable, "-m", "stripinspect", "run", "--config", str(path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and "flatfield.npz" in last

@@ -136,3 +136,59 @@ def test_a_subscriber_that_never_reads_does_not_block_the_pipeline(strip_bundle:
     assert daemon.failed is None and s["counts"]["frames_scored_total"] == 20 and s["drops"] == {}
     # The stuck subscriber lost messages (its pipe was full) and can see that from the numbers.
     assert len(frames) < 20 and frames == sorted(frames)
+
+
+class _BrokenCamera(FlakyCamera):
+    def read(self, timeout: float) -> LineBlock | None:
+        if self._left <= 0:
+            raise RuntimeError("driver bug")  # not a camera error: a bug in a stage
+        return super().read(timeout)
+
+
+def test_a_crashed_stage_stops_the_whole_daemon_and_marks_it_failed(strip_bundle: Path) -> None:
+    cfg = DaemonConfig(
+        bundle=strip_bundle,
+        frame_lines=FRAME,
+        overlap_lines=OVERLAP,
+        threshold=1e9,
+        pub_endpoint="tcp://127.0.0.1:*",
+        control_endpoint="tcp://127.0.0.1:*",
+    )
+    ctx = zmq.Context()
+    camera = _BrokenCamera(stall_after_blocks=12, failures=0)
+    daemon = Daemon(cfg=cfg, runtime=RuntimeConfig(), scoring=ScoringConfig(), source=camera, context=ctx)
+    t0 = time.monotonic()
+    daemon.run_until_done()  # returns: no half-alive process with a dead acquisition thread
+    ctx.term()
+    assert isinstance(daemon.failed, RuntimeError) and time.monotonic() - t0 < 30
+    assert not any(t.is_alive() for t in daemon._threads)
+
+
+def test_a_crash_in_the_embed_stage_also_fails_the_daemon(strip_bundle: Path) -> None:
+    src = SourceConfig(block_lines=128, strip_lines=OVERLAP + 10 * (FRAME - OVERLAP), first_line=0)
+    cfg = DaemonConfig(
+        bundle=strip_bundle,
+        frame_lines=FRAME,
+        overlap_lines=OVERLAP,
+        threshold=1e9,
+        pub_endpoint="tcp://127.0.0.1:*",
+        control_endpoint="tcp://127.0.0.1:*",
+        queue_frames=1000,
+    )
+    ctx = zmq.Context()
+    daemon = Daemon(
+        cfg=cfg,
+        runtime=RuntimeConfig(),
+        scoring=ScoringConfig(),
+        source=SyntheticSource(cfg=src, width=WIDTH, seed=3, frame_lines=FRAME),
+        context=ctx,
+    )
+
+    def boom(pixels: Any) -> Any:
+        raise MemoryError("out of memory in onnxruntime")
+
+    daemon.frame_scorer.features = boom  # type: ignore[method-assign]
+    daemon.run_until_done()
+    ctx.term()
+    assert isinstance(daemon.failed, MemoryError)
+    assert not any(t.is_alive() for t in daemon._threads)
