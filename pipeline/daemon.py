@@ -618,9 +618,20 @@ class Daemon:
                 "capture_time": None,
                 "threshold": self._threshold_json(),
                 "drift": drift,
+                "camera": self.camera_status(),
                 **snap,
             },
         )
+
+    def camera_status(self) -> dict[str, Any]:
+        """Online or not, and the source's own counters where it keeps them (GenICam: buffers
+        that arrived incomplete, read timeouts, reopens)."""
+        out: dict[str, Any] = {"online": self.camera_online}
+        for name in ("incomplete", "stalls", "reopens"):
+            value = getattr(self.source, name, None)
+            if isinstance(value, int):
+                out[name] = value
+        return out
 
     def _control_loop(self) -> None:
         poller = zmq.Poller()
@@ -643,6 +654,7 @@ class Daemon:
                 "state": self.state,
                 "recipe": self.cfg.recipe,
                 "drift": self.drift(),
+                "camera": self.camera_status(),
                 **self.stats.snapshot(),
             }
         if cmd == "recipe":

@@ -155,6 +155,10 @@ class FaissIndex:
     def _setup(self, bank: np.ndarray, *, threads: int, knn: KnnConfig) -> None:
         if threads < 1:
             raise KnnError(f"threads must be >= 1, got {threads}")
+        # faiss aborts the process (no exception) when k-means or distances meet inf or NaN: a
+        # corrupt bank must be refused here, in Python. Squared norms must fit in float32.
+        if not np.isfinite(4.0 * np.einsum("ij,ij->i", bank, bank)).all():
+            raise KnnError("bank rows are not finite or too large (corrupt index?)")
         faiss.omp_set_num_threads(threads)
         self.knn = knn
         self.rows, self.dim = bank.shape

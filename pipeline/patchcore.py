@@ -104,6 +104,9 @@ class PatchCoreScorer:
         """Patch features (h, w, D) -> patch scores float32 (h, w) and the image score (eq. 7)."""
         gh, gw, dim = feats.shape
         flat = feats.reshape(-1, dim)
+        if not np.isfinite(flat).all():
+            # A broken model or input; faiss would abort the process on NaN distances.
+            raise ValueError("patch features are not finite")
         dist, ids = self.index.search(flat, 1)
         patch = dist[:, 0].reshape(gh, gw)
         worst = int(np.argmax(dist[:, 0]))

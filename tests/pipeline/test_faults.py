@@ -1,10 +1,12 @@
 """Faults survived: a camera that stalls and vanishes, a subscriber that never reads."""
 
+import json
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import zmq
 
 from pipeline.config import DaemonConfig, RuntimeConfig, ScoringConfig, SourceConfig
@@ -192,3 +194,36 @@ def test_a_crash_in_the_embed_stage_also_fails_the_daemon(strip_bundle: Path) ->
     ctx.term()
     assert isinstance(daemon.failed, MemoryError)
     assert not any(t.is_alive() for t in daemon._threads)
+
+
+def test_a_bundle_fitted_on_other_channels_is_refused_at_start(strip_bundle: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from pipeline.errors import StripinspectError
+
+    b = tmp_path / "rgb_bundle"
+    shutil.copytree(strip_bundle, b)
+    manifest = json.loads((b / "manifest.json").read_text())
+    manifest["input"]["channels"] = 3
+    (b / "manifest.json").write_text(json.dumps(manifest))
+    src = SourceConfig(block_lines=128, strip_lines=768, first_line=0)
+    cfg = DaemonConfig(bundle=b, threshold=1e9, pub_endpoint="tcp://127.0.0.1:*", control_endpoint="tcp://127.0.0.1:*")
+    with pytest.raises(StripinspectError, match=r"camera delivers 1 channel\(s\), bundle .* was fitted on 3"):
+        Daemon(
+            cfg=cfg,
+            runtime=RuntimeConfig(),
+            scoring=ScoringConfig(),
+            source=SyntheticSource(cfg=src, width=WIDTH, seed=3, frame_lines=FRAME),
+        )
+
+
+def test_non_finite_features_are_a_bad_frame_not_a_crash(strip_bundle: Path) -> None:
+    import numpy as np
+
+    from pipeline.patchcore import PatchCoreScorer
+
+    scorer = PatchCoreScorer.open(strip_bundle, runtime=RuntimeConfig(), scoring=ScoringConfig())
+    feats = np.ones((4, 5, scorer.index.dim), np.float32)
+    feats[1, 2, 3] = np.nan  # faiss would abort the process on NaN distances
+    with pytest.raises(ValueError, match="not finite"):
+        scorer.search_patches(feats)

@@ -148,3 +148,4 @@ def test_camera_killed_and_restarted_resumes_without_a_daemon_restart(strip_bund
     counts = daemon.stats.snapshot()["counts"]
     print(f"camera offline {counts.get('camera_offline_total')} time(s), reopened {counts.get('camera_reopens_total')}")
     assert daemon.failed is None and counts["camera_offline_total"] >= 1 and counts["camera_reopens_total"] >= 1
+    assert daemon.camera_status()["online"] is True and daemon.camera_status()["reopens"] >= 1

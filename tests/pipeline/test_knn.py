@@ -120,3 +120,15 @@ def test_the_highest_approximate_scores_are_searched_again_exactly(bank_file: tu
     d0, _ = sloppy.search(q, 1)
     print(f"worst over-estimate without the exact top: {float((d0[:, 0] / exact[:, 0]).max()):.2f}x")
     assert (d0[:, 0] > exact[:, 0] * 1.001).sum() > (d[:, 0] > exact[:, 0] * 1.001).sum()
+
+
+def test_a_bank_with_values_faiss_cannot_square_is_refused_before_faiss_sees_it() -> None:
+    # Found by the bundle fuzzer: a forged index with 1e36 in it made faiss' k-means abort the
+    # whole process ("terminate called recursively") instead of raising.
+    bank = _clustered(2000, 16, seed=7)
+    bank[5, 3] = 1e36
+    with pytest.raises(KnnError, match="not finite or too large"):
+        FaissIndex.from_bank(bank, threads=1, knn=KnnConfig(index="ivf"))
+    bank[5, 3] = np.nan
+    with pytest.raises(KnnError, match="not finite or too large"):
+        FaissIndex.from_bank(bank, threads=1, knn=KnnConfig(index="flat"))
