@@ -1,0 +1,323 @@
+"""Patch SVDD (Yi & Yoon, "Patch SVDD: Patch-level SVDD for Anomaly Detection and
+Segmentation", ACCV 2020): a hierarchical patch encoder learned from normal patches only.
+
+- ``Encoder32`` maps a 32 x 32 patch to a D-dim code. It has no padding, so applied to a whole
+  image it is fully convolutional: the code at output (i, j) is exactly the code of the 32 x 32
+  window at pixel (4 i, 4 j) (stride 4).
+- ``Encoder64`` is the hierarchical encoder of sec. 3.3: the 64 x 64 patch is four 32 x 32
+  sub-patches encoded by the shared ``Encoder32``, their 2 x 2 grid of codes combined by a
+  2 x 2 convolution and a 1 x 1 convolution. On a whole image the 2 x 2 convolution is dilated
+  by 32 / 4 = 8 code cells, which makes it exactly the per-patch computation at every position.
+- Losses (sec. 3.2): SVDD' pulls the codes of spatially adjacent patches together; the
+  self-supervised loss trains a classifier to tell which of the 8 neighbours of a 3 x 3 grid a
+  second patch came from (with jitter), which keeps codes from collapsing. L = lambda L_SVDD' +
+  L_SSL, for both scales.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from pipeline.errors import StripinspectError
+
+STRIDE32 = 4  # code stride of Encoder32 applied to an image
+# The 8 neighbours of the centre of a 3 x 3 grid, (row, column) in patch sides (Patch SVDD fig. 3).
+NEIGHBOURS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
+
+
+class SvddError(StripinspectError):
+    """Training or export cannot proceed; one line."""
+
+
+class Encoder32(nn.Module):
+    """(N, C, H, W) float -> (N, D, (H - 32) / 4 + 1, (W - 32) / 4 + 1); a 32 x 32 input gives 1 x 1.
+
+    Receptive field exactly 32 px: k3 s1 -> k4 s2 -> k4 s2 -> k6 s1, no padding.
+    """
+
+    def __init__(self, channels: int, dim: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(channels, 64, 3),
+            nn.LeakyReLU(0.1),
+            nn.Conv2d(64, 64, 4, stride=2),
+            nn.LeakyReLU(0.1),
+            nn.Conv2d(64, 128, 4, stride=2),
+            nn.LeakyReLU(0.1),
+            nn.Conv2d(128, dim, 6),
+            nn.Tanh(),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class Encoder64(nn.Module):
+    """Hierarchical encoder of 64 x 64 patches on the shared ``Encoder32`` (Patch SVDD sec. 3.3).
+
+    ``forward`` is the dense form: (N, C, H, W) -> (N, D, (H - 64) / 4 + 1, ...), stride 4.
+    ``encode_patches`` is the per-patch form on (N, C, 64, 64): four sub-patches, a 2 x 2 grid.
+    Both use the same weights and give the same codes.
+    """
+
+    def __init__(self, enc32: Encoder32, dim: int) -> None:
+        super().__init__()
+        self.enc32 = enc32
+        self.combine = nn.Conv2d(dim, 128, 2)
+        self.out = nn.Conv2d(128, dim, 1)
+
+    def _head(self, grid: torch.Tensor, dilation: int) -> torch.Tensor:
+        h = F.conv2d(grid, self.combine.weight, self.combine.bias, dilation=dilation)
+        return torch.tanh(self.out(F.leaky_relu(h, 0.1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Sub-patch codes 32 px apart are 32 / 4 = 8 cells apart on the dense code map.
+        return self._head(self.enc32(x), dilation=32 // STRIDE32)
+
+    def encode_patches(self, patches: torch.Tensor) -> torch.Tensor:
+        """(N, C, 64, 64) -> (N, D): crop the four 32 px sub-patches, encode each, combine."""
+        n = patches.shape[0]
+        subs = torch.cat(
+            [
+                patches[:, :, 0:32, 0:32],
+                patches[:, :, 0:32, 32:64],
+                patches[:, :, 32:64, 0:32],
+                patches[:, :, 32:64, 32:64],
+            ]
+        )
+        codes = self.enc32(subs)[:, :, 0, 0]  # (4N, D)
+        grid = codes.view(4, n, -1).permute(1, 2, 0).reshape(n, -1, 2, 2)
+        return self._head(grid, dilation=1)[:, :, 0, 0]
+
+
+class PositionClassifier(nn.Module):
+    """Which of the 8 neighbours the second patch came from, from the two codes (concatenated)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(2 * dim, 128), nn.LeakyReLU(0.1), nn.Linear(128, 128), nn.LeakyReLU(0.1), nn.Linear(128, 8)
+        )
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([a, b], dim=1))
+
+
+@dataclass(frozen=True)
+class SvddTrainConfig:
+    """``lam``: weight of the SVDD' loss against the SSL loss (the paper raises it for textures)."""
+
+    dim: int = 64
+    lam: float = 1.0
+    iterations: int = 3000
+    batch: int = 64
+    lr: float = 1e-4
+    jitter_svdd: int = 8  # px: the SVDD' partner is this close
+    jitter_ssl: int = 8  # px: perturbation of the 3 x 3 grid positions (K / 8 for K = 64)
+    patience: int = 5  # evaluations (every 100 iterations) without 1 % improvement: stop
+    seed: int = 0
+
+
+@dataclass
+class SvddHistory:
+    loss: list[float] = field(default_factory=list)
+    svdd: list[float] = field(default_factory=list)
+    ssl: list[float] = field(default_factory=list)
+    ssl_accuracy: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    stopped_early: bool = False
+
+
+class PatchSampler:
+    """Random patch pairs from normal images (uint8 (H, W, C)), seeded."""
+
+    def __init__(self, images: list[np.ndarray], seed: int) -> None:
+        if not images:
+            raise SvddError("no training images")
+        small = [im.shape for im in images if min(im.shape[:2]) < 3 * 64 + 2 * 16]
+        if small:
+            raise SvddError(f"images must be at least 224 px on each side for 64 px patches, got {small[0]}")
+        self.images = [
+            torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1).float().div(127.5).sub(1.0) for im in images
+        ]
+        self.rng = np.random.default_rng(seed)
+
+    def _crop(self, img: torch.Tensor, y: int, x: int, k: int) -> torch.Tensor:
+        return img[:, y : y + k, x : x + k]
+
+    def svdd_pairs(self, n: int, k: int, jitter: int) -> tuple[torch.Tensor, torch.Tensor]:
+        a, b = [], []
+        for _ in range(n):
+            img = self.images[int(self.rng.integers(len(self.images)))]
+            _, h, w = img.shape
+            y = int(self.rng.integers(jitter, h - k - jitter + 1))
+            x = int(self.rng.integers(jitter, w - k - jitter + 1))
+            dy, dx = (int(v) for v in self.rng.integers(-jitter, jitter + 1, 2))
+            a.append(self._crop(img, y, x, k))
+            b.append(self._crop(img, y + dy, x + dx, k))
+        return torch.stack(a), torch.stack(b)
+
+    def ssl_pairs(self, n: int, k: int, jitter: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        a, b, labels = [], [], []
+        for _ in range(n):
+            img = self.images[int(self.rng.integers(len(self.images)))]
+            _, h, w = img.shape
+            reach = k + jitter
+            y = int(self.rng.integers(reach, h - k - reach + 1))
+            x = int(self.rng.integers(reach, w - k - reach + 1))
+            label = int(self.rng.integers(8))
+            ry, rx = NEIGHBOURS[label]
+            dy, dx = (int(v) for v in self.rng.integers(-jitter, jitter + 1, 2))
+            a.append(self._crop(img, y, x, k))
+            b.append(self._crop(img, y + ry * k + dy, x + rx * k + dx, k))
+            labels.append(label)
+        return torch.stack(a), torch.stack(b), torch.tensor(labels)
+
+
+def _scale_losses(
+    encode: object, clf: PositionClassifier, sampler: PatchSampler, k: int, cfg: SvddTrainConfig
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    a, b = sampler.svdd_pairs(cfg.batch, k, cfg.jitter_svdd)
+    fa, fb = encode(a), encode(b)  # type: ignore[operator]
+    svdd = ((fa - fb) ** 2).sum(dim=1).mean()  # SVDD' (eq. 3): adjacent patches, close codes
+    p, q, labels = sampler.ssl_pairs(cfg.batch, k, cfg.jitter_ssl)
+    logits = clf(encode(p), encode(q))  # type: ignore[operator]
+    ssl = F.cross_entropy(logits, labels)  # eq. 4: relative position among 8 neighbours
+    acc = float((logits.argmax(dim=1) == labels).float().mean())
+    return svdd, ssl, acc
+
+
+def train_svdd(
+    images: list[np.ndarray], cfg: SvddTrainConfig, *, progress: bool = True
+) -> tuple[Encoder64, SvddHistory]:
+    """Train both scales (64 px hierarchical and its shared 32 px encoder) on ``images``."""
+    torch.manual_seed(cfg.seed)
+    channels = images[0].shape[2] if images else 1
+    sampler = PatchSampler(images, cfg.seed)
+    enc32 = Encoder32(channels, cfg.dim)
+    enc64 = Encoder64(enc32, cfg.dim)
+    clf64, clf32 = PositionClassifier(cfg.dim), PositionClassifier(cfg.dim)
+    params = [*enc64.parameters(), *clf64.parameters(), *clf32.parameters()]
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    hist = SvddHistory()
+    t0 = time.perf_counter()
+    best, since_best = math.inf, 0
+    window: list[float] = []
+    bar = tqdm(range(cfg.iterations), desc="train patch svdd", disable=not progress, unit="it")
+    for it in bar:
+        s64, l64, acc64 = _scale_losses(enc64.encode_patches, clf64, sampler, 64, cfg)
+        s32, l32, acc32 = _scale_losses(lambda x: enc32(x)[:, :, 0, 0], clf32, sampler, 32, cfg)
+        svdd, ssl = s64 + s32, l64 + l32
+        loss = cfg.lam * svdd + ssl
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        hist.loss.append(float(loss))
+        hist.svdd.append(float(svdd))
+        hist.ssl.append(float(ssl))
+        hist.ssl_accuracy.append((acc64 + acc32) / 2)
+        window.append(float(loss))
+        if (it + 1) % 100 == 0:
+            mean = float(np.mean(window))
+            window.clear()
+            bar.set_postfix(loss=f"{mean:.3f}", ssl_acc=f"{np.mean(hist.ssl_accuracy[-100:]):.2f}")
+            if mean < best * 0.99:
+                best, since_best = mean, 0
+            else:
+                since_best += 1
+                if since_best >= cfg.patience:
+                    hist.stopped_early = True
+                    break
+    hist.seconds = time.perf_counter() - t0
+    return enc64.eval(), hist
+
+
+def plot_history(hist: SvddHistory, path: Path, size: tuple[int, int] = (640, 360)) -> None:
+    """Loss curves (total, SVDD', SSL; smoothed over 50 iterations) as a PNG, drawn with OpenCV."""
+    w, h = size
+    img = np.full((h, w, 3), 255, np.uint8)
+    curves = [(hist.loss, (0, 0, 0)), (hist.svdd, (200, 80, 0)), (hist.ssl, (0, 0, 200))]
+    k = 50
+    smooth = [np.convolve(c, np.ones(k) / k, mode="valid") if len(c) >= k else np.asarray(c) for c, _ in curves]
+    top = max((float(s.max()) for s in smooth if len(s)), default=1.0) or 1.0
+    n = max((len(s) for s in smooth), default=1)
+    for s, (_, colour) in zip(smooth, curves, strict=True):
+        if len(s) < 2:
+            continue
+        pts = np.array(
+            [(int(20 + i / max(n - 1, 1) * (w - 40)), int(h - 20 - v / top * (h - 40))) for i, v in enumerate(s)],
+            np.int32,
+        )
+        cv2.polylines(img, [pts], False, colour, 2)
+    cv2.putText(img, "loss (black), SVDD' (blue), SSL (red)", (24, 24), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (60, 60, 60), 1)
+    cv2.imwrite(str(path), img)
+
+
+class DenseSvdd(nn.Module):
+    """uint8 pixels (N, H, W, C) -> codes of every 64 px patch at stride 16 and every 32 px patch
+    at stride 4 (Patch SVDD's inference strides): two outputs, NHWC float32."""
+
+    def __init__(self, enc64: Encoder64, channels: int) -> None:
+        super().__init__()
+        self.enc64 = enc64
+        self.channels = channels
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = pixels.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        c32 = self.enc64.enc32(x)
+        c64 = self.enc64._head(c32, dilation=32 // STRIDE32)[:, :, ::4, ::4]  # stride 4 -> 16
+        return c64.permute(0, 2, 3, 1).contiguous(), c32.permute(0, 2, 3, 1).contiguous()
+
+
+def export_svdd(
+    enc64: Encoder64, channels: int, path: Path, *, check_sizes: tuple[tuple[int, int], ...] = ((96, 128), (160, 112))
+) -> float:
+    """Write the dense encoder as ONNX (dynamic H, W) and return the worst relative error of
+    onnxruntime against torch on random inputs of ``check_sizes``; over 1e-4 deletes the file
+    and raises."""
+    import onnxruntime as ort
+
+    net = DenseSvdd(enc64.eval(), channels).eval()
+    example = torch.zeros((1, 96, 96, channels), dtype=torch.uint8)
+    with torch.no_grad():
+        torch.onnx.export(
+            net,
+            (example,),
+            str(path),
+            input_names=["pixels"],
+            output_names=["codes64", "codes32"],
+            dynamic_axes={
+                "pixels": {0: "n", 1: "h", 2: "w"},
+                "codes64": {0: "n", 1: "h64", 2: "w64"},
+                "codes32": {0: "n", 1: "h32", 2: "w32"},
+            },
+            opset_version=17,
+            dynamo=False,
+        )
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    worst = 0.0
+    for h, w in check_sizes:
+        px = rng.integers(0, 256, (1, h, w, channels), dtype=np.uint8)
+        got = sess.run(None, {"pixels": px})
+        with torch.no_grad():
+            want = [t.numpy() for t in net(torch.from_numpy(px))]
+        for g, t in zip(got, want, strict=True):
+            if g.shape != t.shape:
+                path.unlink(missing_ok=True)
+                raise SvddError(f"onnxruntime shape {g.shape} != torch {t.shape} at {h} x {w}")
+            worst = max(worst, float(np.abs(g - t).max() / max(np.abs(t).max(), 1e-12)))
+    if worst > 1e-4:
+        path.unlink(missing_ok=True)
+        raise SvddError(f"exported encoder differs from torch by {worst:.2e} (> 1e-4)")
+    return worst

@@ -1,0 +1,107 @@
+"""Patch SVDD: dense codes equal per-patch codes, the losses do what they claim, ONNX = torch."""
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from export.svdd import (
+    Encoder32,
+    Encoder64,
+    PatchSampler,
+    SvddError,
+    SvddTrainConfig,
+    export_svdd,
+    plot_history,
+    train_svdd,
+)
+
+
+def _encoder(channels: int = 1, dim: int = 16) -> Encoder64:
+    torch.manual_seed(0)
+    return Encoder64(Encoder32(channels, dim), dim).eval()
+
+
+def test_fully_convolutional_codes_equal_per_patch_codes() -> None:
+    enc = _encoder()
+    img = torch.rand(1, 1, 136, 104) * 2 - 1
+    with torch.no_grad():
+        dense32 = enc.enc32(img)
+        dense64 = enc(img)
+        assert dense32.shape[2:] == ((136 - 32) // 4 + 1, (104 - 32) // 4 + 1)
+        assert dense64.shape[2:] == ((136 - 64) // 4 + 1, (104 - 64) // 4 + 1)
+        for i, j in [(0, 0), (3, 5), (dense64.shape[2] - 1, dense64.shape[3] - 1), (7, 2)]:
+            y, x = 4 * i, 4 * j
+            one32 = enc.enc32(img[:, :, y : y + 32, x : x + 32])[0, :, 0, 0]
+            np.testing.assert_allclose(dense32[0, :, i, j].numpy(), one32.numpy(), atol=1e-5)
+            one64 = enc.encode_patches(img[:, :, y : y + 64, x : x + 64])[0]
+            np.testing.assert_allclose(dense64[0, :, i, j].numpy(), one64.numpy(), atol=1e-5)
+
+
+def _structured_images(n: int, seed: int) -> list[np.ndarray]:
+    # Small synthetic data with spatial structure: red ramps across, green ramps down, blue is
+    # noise, each image offset at random; where a patch lies relative to another is learnable.
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        yy, xx = np.mgrid[0:256, 0:256].astype(np.float32)
+        r = (xx * 0.6 + rng.uniform(0, 60)) % 256
+        g = (yy * 0.6 + rng.uniform(0, 60)) % 256
+        b = rng.uniform(0, 255, (256, 256))
+        out.append(np.stack([r, g, b], axis=2).astype(np.uint8))
+    return out
+
+
+def _compactness(enc: Encoder64, sampler: PatchSampler) -> float:
+    """Mean code distance of adjacent 64 px patches over that of random pairs (lower: tighter)."""
+    with torch.no_grad():
+        a, b = sampler.svdd_pairs(64, 64, 8)
+        fa, fb = enc.encode_patches(a), enc.encode_patches(b)
+        adjacent = (fa - fb).norm(dim=1).mean()
+        random = (fa - fb[torch.randperm(64)]).norm(dim=1).mean()
+    return float(adjacent / random)
+
+
+def test_short_training_learns_relative_positions_and_tightens_adjacent_codes(tmp_path: Path) -> None:
+    images = _structured_images(6, seed=1)
+    cfg = SvddTrainConfig(dim=32, iterations=300, batch=32, lr=1e-3, patience=100, seed=0)
+    torch.manual_seed(0)
+    before = _compactness(Encoder64(Encoder32(3, 32), 32), PatchSampler(images, seed=5))
+    enc, hist = train_svdd(images, cfg, progress=False)
+    after = _compactness(enc, PatchSampler(images, seed=5))
+    # SSL accuracy on each batch's fresh pairs (drawn anew every iteration); chance is 1/8.
+    acc_start, acc_end = np.mean(hist.ssl_accuracy[:30]), np.mean(hist.ssl_accuracy[-30:])
+    print(f"SSL accuracy {acc_start:.2f} -> {acc_end:.2f}; adjacent/random code distance {before:.2f} -> {after:.2f}")
+    assert acc_end > 0.5 > acc_start + 0.2
+    assert after < 0.8 * before
+    assert np.mean(hist.loss[-30:]) < np.mean(hist.loss[:30])
+    plot_history(hist, tmp_path / "loss.png")
+    assert (tmp_path / "loss.png").stat().st_size > 1000
+
+
+def test_training_is_reproducible() -> None:
+    images = _structured_images(3, seed=2)
+    cfg = SvddTrainConfig(dim=8, iterations=5, batch=4, seed=3)
+    a, ha = train_svdd(images, cfg, progress=False)
+    b, hb = train_svdd(images, cfg, progress=False)
+    assert ha.loss == hb.loss
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(pa, pb)
+
+
+def test_export_matches_torch_and_uses_the_paper_strides(tmp_path: Path) -> None:
+    enc = _encoder(channels=1, dim=16)
+    worst = export_svdd(enc, 1, tmp_path / "svdd.onnx")
+    assert worst <= 1e-4
+    sess = ort.InferenceSession(str(tmp_path / "svdd.onnx"), providers=["CPUExecutionProvider"])
+    c64, c32 = sess.run(None, {"pixels": np.zeros((1, 192, 256, 1), np.uint8)})
+    # 64 px patches every 16 px, 32 px patches every 4 px (Patch SVDD's inference strides).
+    assert c64.shape == (1, (192 - 64) // 16 + 1, (256 - 64) // 16 + 1, 16)
+    assert c32.shape == (1, (192 - 32) // 4 + 1, (256 - 32) // 4 + 1, 16)
+
+
+def test_too_small_images_are_one_clear_error() -> None:
+    with pytest.raises(SvddError, match="at least 224 px"):
+        PatchSampler([np.zeros((100, 300, 1), np.uint8)], seed=0)
