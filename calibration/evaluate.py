@@ -26,6 +26,7 @@ from pipeline.config import Config
 from pipeline.errors import StripinspectError
 from pipeline.images import ImageReadError, list_images, read_image, read_mask
 from pipeline.patchcore import PatchCoreScorer
+from pipeline.svdd import SvddScorer, is_svdd_bundle
 
 
 class EvaluationError(StripinspectError):
@@ -78,7 +79,13 @@ def evaluate(
     *, bundle: Path, data: Path, out: Path, cfg: Config, overlays_per_type: int = 4, progress: bool = True
 ) -> dict[str, object]:
     items = find_test_images(data)
-    scorer = PatchCoreScorer.open(bundle, runtime=cfg.runtime, scoring=cfg.scoring)
+    scorer: PatchCoreScorer | SvddScorer
+    if is_svdd_bundle(bundle):
+        scorer = SvddScorer.open(bundle, runtime=cfg.runtime)
+        method, bank_rows = "patch_svdd", sum(s.rows for s in scorer.manifest.scales)
+    else:
+        scorer = PatchCoreScorer.open(bundle, runtime=cfg.runtime, scoring=cfg.scoring)
+        method, bank_rows = scorer.manifest.features.backbone, scorer.manifest.index.rows
     out.parent.mkdir(parents=True, exist_ok=True)
     overlay_dir = out.parent / "overlays"
     overlay_dir.mkdir(exist_ok=True)
@@ -122,8 +129,8 @@ def evaluate(
         "defect_regions": len(regions),
         "seconds_per_image": seconds / len(items),
         "bundle": str(bundle),
-        "backbone": scorer.manifest.features.backbone,
-        "bank_rows": scorer.manifest.index.rows,
+        "backbone": method,
+        "bank_rows": bank_rows,
         "scale": scorer.scale,
         "data": str(data),
     }

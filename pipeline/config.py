@@ -409,6 +409,20 @@ class DaemonConfig(_Section):
         return self
 
 
+class SvddConfig(_Section):
+    """Patch SVDD (Yi & Yoon, ACCV 2020) encoder training, for `stripinspect fit --backend svdd`.
+    The defaults are the CPU preset; a GPU preset is in the README."""
+
+    dim: int = Field(default=64, ge=2, le=1024, description="Code dimension D.")
+    lam: float = Field(default=1.0, ge=0, le=1e4, description="Weight of the SVDD' loss against the SSL loss.")
+    iterations: int = Field(default=2000, ge=1, le=10_000_000, description="Training iterations at most.")
+    batch: int = Field(default=32, ge=1, le=4096, description="Pairs per loss per scale per iteration.")
+    lr: float = Field(default=1e-4, gt=0, le=1, description="Adam learning rate.")
+    patience: int = Field(default=5, ge=1, le=10_000, description="Hundreds of iterations without 1 % gain: stop.")
+    seed: int = Field(default=0, ge=0, description="Seed of weights and patch sampling.")
+    bank_rows: int = Field(default=16_384, ge=1, le=10_000_000, description="Coreset rows per scale.")
+
+
 class Config(_Section):
     """Root of config.yaml."""
 
@@ -418,6 +432,7 @@ class Config(_Section):
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig, description="Library threads.")
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig, description="Synthetic strip.")
     daemon: DaemonConfig = Field(default_factory=DaemonConfig, description="The inspection daemon.")
+    svdd: SvddConfig = Field(default_factory=SvddConfig, description="Patch SVDD training.")
 
 
 class ConfigError(StripinspectError):
