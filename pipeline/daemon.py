@@ -37,6 +37,7 @@ from pipeline.publish import Publisher, alert_body
 from pipeline.ratelog import RateLimitedLog
 from pipeline.security import CurveServer
 from pipeline.sources import Source
+from pipeline.svdd import is_svdd_bundle
 from pipeline.systemd import notify
 
 log = logging.getLogger("stripinspect.daemon")
@@ -238,6 +239,8 @@ class Daemon:
         return float(t)
 
     def _load(self, bundle: Path) -> FrameScorer:
+        if is_svdd_bundle(bundle):
+            raise StripinspectError(f"{bundle}: a Patch SVDD bundle; the daemon serves PatchCore bundles only so far")
         scorer = PatchCoreScorer.open(bundle, runtime=self.runtime, scoring=self.scoring)
         try:
             fs = FrameScorer(scorer=scorer, tile=self.cfg.tile, margin=self.cfg.tile_margin)

@@ -6,10 +6,11 @@ Everything is real (onnxruntime, faiss, files in tmp dirs); nothing is faked.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from pipeline.config import Config, SyntheticConfig
+from pipeline.config import Config, DaemonConfig, SyntheticConfig
 
 REPO = Path(__file__).resolve().parent.parent
 BSDATA = REPO.parent / "shared" / "datasets" / "bsdata"
@@ -76,3 +77,15 @@ def strip_bundle(tmp_path_factory: pytest.TempPathFactory, effnet_model_dir: Pat
         data=root / "data" / "train" / "good", out=root / "bundle", cfg=cfg, model_dir=effnet_model_dir, progress=False
     )
     return root / "bundle"
+
+
+def loopback_daemon_config(*, bundle: Path, **overrides: Any) -> DaemonConfig:
+    """A daemon config for tests: PUB and control on loopback at random ports, and a threshold
+    no score reaches unless the test gives one."""
+    base: dict[str, Any] = {
+        "bundle": bundle,
+        "threshold": 1e9,
+        "pub_endpoint": "tcp://127.0.0.1:*",
+        "control_endpoint": "tcp://127.0.0.1:*",
+    }
+    return DaemonConfig(**{**base, **overrides})

@@ -66,7 +66,7 @@ def _compactness(enc: Encoder64, sampler: PatchSampler) -> float:
 
 def test_short_training_learns_relative_positions_and_tightens_adjacent_codes(tmp_path: Path) -> None:
     images = _structured_images(6, seed=1)
-    cfg = SvddTrainConfig(dim=32, iterations=300, batch=32, lr=1e-3, patience=100, seed=0)
+    cfg = SvddTrainConfig(dim=32, iterations=150, batch=16, lr=2e-3, patience=100, seed=0)
     torch.manual_seed(0)
     before = _compactness(Encoder64(Encoder32(3, 32), 32), PatchSampler(images, seed=5))
     enc, hist = train_svdd(images, cfg, progress=False)
@@ -74,7 +74,7 @@ def test_short_training_learns_relative_positions_and_tightens_adjacent_codes(tm
     # SSL accuracy on each batch's fresh pairs (drawn anew every iteration); chance is 1/8.
     acc_start, acc_end = np.mean(hist.ssl_accuracy[:30]), np.mean(hist.ssl_accuracy[-30:])
     print(f"SSL accuracy {acc_start:.2f} -> {acc_end:.2f}; adjacent/random code distance {before:.2f} -> {after:.2f}")
-    assert acc_end > 0.5 > acc_start + 0.2
+    assert acc_end > 0.4 and acc_end > acc_start + 0.25  # chance is 0.125
     assert after < 0.8 * before
     assert np.mean(hist.loss[-30:]) < np.mean(hist.loss[:30])
     plot_history(hist, tmp_path / "loss.png")

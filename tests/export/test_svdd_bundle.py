@@ -13,6 +13,7 @@ from pipeline.config import Config, KnnConfig, RuntimeConfig, SvddConfig, Synthe
 from pipeline.images import read_image
 from pipeline.svdd import SvddScorer, patch_mean_map
 from stripinspect.demo import write_synthetic_dataset
+from tests.conftest import loopback_daemon_config
 
 
 def test_each_pixel_gets_the_mean_of_the_patches_covering_it() -> None:
@@ -80,3 +81,25 @@ def test_a_tampered_svdd_bundle_is_one_clear_error(svdd_bundle: Path, tmp_path: 
         f.write(b"\0")
     with pytest.raises(BundleError, match="index32.faiss does not match its sha256"):
         SvddScorer.open(b, runtime=RuntimeConfig())
+
+
+def test_the_daemon_refuses_an_svdd_bundle_with_one_line(svdd_bundle: Path) -> None:
+    import zmq
+
+    from pipeline.config import ScoringConfig, SourceConfig
+    from pipeline.daemon import Daemon
+    from pipeline.errors import StripinspectError
+    from pipeline.sources import SyntheticSource
+
+    src = SourceConfig(block_lines=128, strip_lines=768)
+    cfg = loopback_daemon_config(
+        bundle=svdd_bundle, threshold=1.0, pub_endpoint="tcp://127.0.0.1:*", control_endpoint="tcp://127.0.0.1:*"
+    )
+    with pytest.raises(StripinspectError, match="Patch SVDD bundle; the daemon serves PatchCore bundles only"):
+        Daemon(
+            cfg=cfg,
+            runtime=RuntimeConfig(),
+            scoring=ScoringConfig(),
+            source=SyntheticSource(cfg=src, width=256, seed=1, frame_lines=1024),
+            context=zmq.Context(),
+        )

@@ -9,12 +9,13 @@ from typing import Any
 import pytest
 import zmq
 
-from pipeline.config import DaemonConfig, RuntimeConfig, ScoringConfig, SourceConfig
+from pipeline.config import RuntimeConfig, ScoringConfig, SourceConfig
 from pipeline.daemon import Daemon
 from pipeline.genicam import CameraError
 from pipeline.messages import LineBlock
 from pipeline.publish import decode
 from pipeline.sources import SyntheticSource
+from tests.conftest import loopback_daemon_config
 
 WIDTH, FRAME, OVERLAP = 256, 768, 384
 
@@ -50,13 +51,10 @@ class FlakyCamera:
 
 def test_a_stalled_camera_is_reported_offline_and_reopened_with_backoff(strip_bundle: Path) -> None:
     camera = FlakyCamera(stall_after_blocks=18, failures=2)
-    cfg = DaemonConfig(
+    cfg = loopback_daemon_config(
         bundle=strip_bundle,
         frame_lines=FRAME,
         overlap_lines=OVERLAP,
-        threshold=1e9,
-        pub_endpoint="tcp://127.0.0.1:*",
-        control_endpoint="tcp://127.0.0.1:*",
         heartbeat_s=0.1,
         camera_stall_s=0.3,
         camera_reconnect_s=0.5,
@@ -102,13 +100,10 @@ def test_a_stalled_camera_is_reported_offline_and_reopened_with_backoff(strip_bu
 def test_a_subscriber_that_never_reads_does_not_block_the_pipeline(strip_bundle: Path) -> None:
     step = FRAME - OVERLAP
     src = SourceConfig(block_lines=128, strip_lines=OVERLAP + 20 * step, first_line=0)
-    cfg = DaemonConfig(
+    cfg = loopback_daemon_config(
         bundle=strip_bundle,
         frame_lines=FRAME,
         overlap_lines=OVERLAP,
-        threshold=1e9,
-        pub_endpoint="tcp://127.0.0.1:*",
-        control_endpoint="tcp://127.0.0.1:*",
         heartbeat_s=0.01,
         send_hwm=4,
         publish_maps=True,  # 200 kB per frame message: a stuck reader fills its pipe fast
@@ -148,13 +143,10 @@ class _BrokenCamera(FlakyCamera):
 
 
 def test_a_crashed_stage_stops_the_whole_daemon_and_marks_it_failed(strip_bundle: Path) -> None:
-    cfg = DaemonConfig(
+    cfg = loopback_daemon_config(
         bundle=strip_bundle,
         frame_lines=FRAME,
         overlap_lines=OVERLAP,
-        threshold=1e9,
-        pub_endpoint="tcp://127.0.0.1:*",
-        control_endpoint="tcp://127.0.0.1:*",
     )
     ctx = zmq.Context()
     camera = _BrokenCamera(stall_after_blocks=12, failures=0)
@@ -168,13 +160,10 @@ def test_a_crashed_stage_stops_the_whole_daemon_and_marks_it_failed(strip_bundle
 
 def test_a_crash_in_the_embed_stage_also_fails_the_daemon(strip_bundle: Path) -> None:
     src = SourceConfig(block_lines=128, strip_lines=OVERLAP + 10 * (FRAME - OVERLAP), first_line=0)
-    cfg = DaemonConfig(
+    cfg = loopback_daemon_config(
         bundle=strip_bundle,
         frame_lines=FRAME,
         overlap_lines=OVERLAP,
-        threshold=1e9,
-        pub_endpoint="tcp://127.0.0.1:*",
-        control_endpoint="tcp://127.0.0.1:*",
         queue_frames=1000,
     )
     ctx = zmq.Context()
@@ -207,7 +196,7 @@ def test_a_bundle_fitted_on_other_channels_is_refused_at_start(strip_bundle: Pat
     manifest["input"]["channels"] = 3
     (b / "manifest.json").write_text(json.dumps(manifest))
     src = SourceConfig(block_lines=128, strip_lines=768, first_line=0)
-    cfg = DaemonConfig(bundle=b, threshold=1e9, pub_endpoint="tcp://127.0.0.1:*", control_endpoint="tcp://127.0.0.1:*")
+    cfg = loopback_daemon_config(bundle=b)
     with pytest.raises(StripinspectError, match=r"camera delivers 1 channel\(s\), bundle .* was fitted on 3"):
         Daemon(
             cfg=cfg,

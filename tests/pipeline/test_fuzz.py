@@ -15,12 +15,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline.bundle import INDEX_FILE, MANIFEST_FILE, MODEL_FILE, BundleError, sha256_file
-from pipeline.config import Config, ConfigError, DaemonConfig, RuntimeConfig, ScoringConfig, load_config
+from pipeline.config import Config, ConfigError, RuntimeConfig, ScoringConfig, load_config
 from pipeline.daemon import Daemon
 from pipeline.linescan import BadBlockError, LineAssembler
 from pipeline.messages import LineBlock
 from pipeline.patchcore import PatchCoreScorer
 from pipeline.synthetic import SyntheticStrip
+from tests.conftest import loopback_daemon_config
 
 TRIED: Counter[str] = Counter()
 
@@ -207,13 +208,10 @@ def test_the_daemon_skips_bad_buffers_counts_them_and_scores_the_rest(strip_bund
         bad[kind] += 1
         script.append(LineBlock(pixels=px, first_line=line, capture_time=0.0))
         line += 128
-    cfg = DaemonConfig(
+    cfg = loopback_daemon_config(
         bundle=strip_bundle,
         frame_lines=768,
         overlap_lines=step,
-        threshold=1e9,
-        pub_endpoint="tcp://127.0.0.1:*",
-        control_endpoint="tcp://127.0.0.1:*",
         queue_frames=1000,
     )
     ctx = zmq.Context()

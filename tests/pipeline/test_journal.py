@@ -9,11 +9,12 @@ from typing import Any
 import pytest
 import zmq
 
-from pipeline.config import DaemonConfig, JournalConfig, RuntimeConfig, ScoringConfig, SourceConfig
+from pipeline.config import JournalConfig, RuntimeConfig, ScoringConfig, SourceConfig
 from pipeline.daemon import Daemon
 from pipeline.journal import AlertJournal, JournalError
 from pipeline.listen import deadline, fetch_alerts, listen
 from pipeline.sources import SyntheticSource
+from tests.conftest import loopback_daemon_config
 from tests.pipeline.test_daemon import FRAME, OVERLAP, WIDTH, _threshold
 
 
@@ -65,14 +66,12 @@ def _daemon(bundle: Path, journal: Path, strip_frames: int, first_line: int, rat
         defects_per_100_frames=300,
         line_rate_hz=rate,
     )
-    cfg = DaemonConfig(
+    cfg = loopback_daemon_config(
         bundle=bundle,
         frame_lines=FRAME,
         overlap_lines=OVERLAP,
         threshold=_threshold(bundle),
         min_area_px=8,
-        pub_endpoint="tcp://127.0.0.1:*",
-        control_endpoint="tcp://127.0.0.1:*",
         heartbeat_s=0.1,
         queue_frames=1000,
         source=src,

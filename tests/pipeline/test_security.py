@@ -12,7 +12,7 @@ from pipeline.daemon import Daemon
 from pipeline.listen import ClientKeys
 from pipeline.security import SecurityError, create_keys
 from pipeline.sources import SyntheticSource
-from tests.conftest import REPO
+from tests.conftest import REPO, loopback_daemon_config
 
 
 @pytest.fixture(scope="module")
@@ -26,13 +26,10 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _daemon(bundle: Path, keys: Path | None) -> Daemon:
     src = SourceConfig(block_lines=128, strip_lines=768, first_line=0)
-    cfg = DaemonConfig(
+    cfg = loopback_daemon_config(
         bundle=bundle,
         frame_lines=768,
         overlap_lines=384,
-        threshold=1e9,
-        pub_endpoint="tcp://127.0.0.1:*",
-        control_endpoint="tcp://127.0.0.1:*",
         heartbeat_s=0.05,
         curve_keys=keys,
         source=src,
