@@ -124,7 +124,7 @@ class SvddTrainConfig:
     lr: float = 1e-4
     jitter_svdd: int = 8  # px: the SVDD' partner is this close
     jitter_ssl: int = 8  # px: perturbation of the 3 x 3 grid positions (K / 8 for K = 64)
-    patience: int = 5  # evaluations (every 100 iterations) without 1 % improvement: stop
+    patience: int = 5  # evaluations (every 100 iterations) without 1 % improvement: stop (once learning)
     seed: int = 0
 
 
@@ -231,8 +231,11 @@ def train_svdd(
             mean = float(np.mean(window))
             window.clear()
             bar.set_postfix(loss=f"{mean:.3f}", ssl_acc=f"{np.mean(hist.ssl_accuracy[-100:]):.2f}")
-            if mean < best * 0.99:
-                best, since_best = mean, 0
+            learning = float(np.mean(hist.ssl_accuracy[-100:])) > 2 / len(NEIGHBOURS)
+            if mean < best * 0.99 or not learning:
+                # A flat loss while the position classifier is still near chance (1/8) means
+                # it has not started to learn, not that it has finished: no early stop then.
+                best, since_best = min(best, mean), 0
             else:
                 since_best += 1
                 if since_best >= cfg.patience:

@@ -105,3 +105,14 @@ def test_export_matches_torch_and_uses_the_paper_strides(tmp_path: Path) -> None
 def test_too_small_images_are_one_clear_error() -> None:
     with pytest.raises(SvddError, match="at least 224 px"):
         PatchSampler([np.zeros((100, 300, 1), np.uint8)], seed=0)
+
+
+def test_no_early_stop_while_the_position_classifier_is_at_chance() -> None:
+    # Pure noise: nothing to learn about positions, the loss is flat from the start; the run
+    # must not stop as if it had converged (it did on BSData before this rule).
+    rng = np.random.default_rng(0)
+    noise = [rng.integers(0, 256, (224, 224, 1), dtype=np.uint8) for _ in range(2)]
+    cfg = SvddTrainConfig(dim=8, iterations=200, batch=2, lr=1e-4, patience=1, seed=0)
+    _, hist = train_svdd(noise, cfg, progress=False)
+    assert np.mean(hist.ssl_accuracy) < 0.25
+    assert not hist.stopped_early and len(hist.loss) == 200  # the old rule stopped at the 200th
