@@ -37,16 +37,13 @@ class LoopSource(ReplaySource):
 
     def read(self, timeout: float) -> LineBlock | None:
         if self._pos + self._block > self._strip.shape[0]:
-            # Skip to a whole number of passes so that line numbers stay contiguous.
+            # Start the next pass: line numbers run on, and the pacing clock (which counts lines
+            # since its origin) moves its origin by the pass.
             self._first += self._pos
-            self._strip_pos_reset()
+            if self._t0 is not None and self._rate is not None:
+                self._t0 += self._pos / self._rate
+            self._pos = 0
         return super().read(timeout)
-
-    def _strip_pos_reset(self) -> None:
-        # The pacing clock counts lines since the start: keep it by moving its origin.
-        if self._t0 is not None and self._rate is not None:
-            self._t0 += self._pos / self._rate
-        self._pos = 0
 
 
 def rss_mib() -> float:

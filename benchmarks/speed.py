@@ -26,7 +26,6 @@ import os
 import platform
 import resource
 import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -331,5 +330,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    threading.current_thread().name = "speed-benchmark"
     main()

@@ -86,15 +86,8 @@ def fit_bundle(*, data: Path, out: Path, cfg: Config, model_dir: Path | None = N
     final_rows = max(1, math.ceil(cc.ratio * total))
     if cc.max_rows is not None:
         final_rows = min(final_rows, cc.max_rows)
-    embedder = OnnxEmbedder(
-        model_path=out / MODEL_FILE,
-        embedding_dim=info.embedding_dim,
-        input_channels=channels,
-        threads=cfg.runtime.onnx_threads,
-        providers=cfg.runtime.providers,
-        optimization=cfg.runtime.onnx_optimization,
-        arena=cfg.runtime.onnx_arena,
-        spinning=cfg.runtime.onnx_spinning,
+    embedder = OnnxEmbedder.for_runtime(
+        model_path=out / MODEL_FILE, embedding_dim=info.embedding_dim, input_channels=channels, runtime=cfg.runtime
     )
     coreset = StreamingCoreset(
         dim=info.embedding_dim,

@@ -17,7 +17,7 @@ from pipeline.bundle import MANIFEST_FILE, sha256_file
 from pipeline.config import Config
 from pipeline.images import ImageReadError, list_images, read_image
 from pipeline.knn import build_index, write_index
-from pipeline.svdd import SVDD_KIND, ScaleSpec, SvddManifest, SvddScorer
+from pipeline.svdd import SVDD_KIND, ScaleSpec, SvddManifest, dense_codes
 
 SCALES = ((64, 16, "codes64", "index.faiss"), (32, 4, "codes32", "index32.faiss"))
 
@@ -45,18 +45,8 @@ def fit_svdd(*, data: Path, out: Path, cfg: Config, progress: bool = True) -> Sv
         json.dumps({"loss": hist.loss, "svdd": hist.svdd, "ssl": hist.ssl, "ssl_accuracy": hist.ssl_accuracy})
     )
     verified = export_svdd(enc, channels, out / "model.onnx")
-    # The bank is embedded through the runtime's own session code: what was fitted is what runs.
-    probe = SvddManifest(
-        schema_version=1,
-        kind=SVDD_KIND,
-        created_utc="",
-        channels=channels,
-        dim=s.dim,
-        scales=tuple(ScaleSpec(patch=p, stride=st, output=o, index_file=f, rows=1) for p, st, o, f in SCALES),
-        combine="product",
-        training={},
-        files={},
-    )
+    # The bank is embedded through the runtime's own code (pipeline.svdd.dense_codes): what
+    # was fitted is what runs.
     counts = []
     for im in images:
         h, w = im.shape[:2]
@@ -77,9 +67,9 @@ def fit_svdd(*, data: Path, out: Path, cfg: Config, progress: bool = True) -> Sv
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
-    scorer = SvddScorer(manifest=probe, session=sess, indexes=[])
+    outputs = [o for _, _, o, _ in SCALES]
     for im in tqdm(images, desc="embed + coreset", disable=not progress, unit="img"):
-        for core, codes in zip(cores, scorer.codes(im), strict=True):
+        for core, codes in zip(cores, dense_codes(sess, outputs, im), strict=True):
             core.add(codes.reshape(-1, s.dim))
     scales = []
     for core, (p, st, o, f) in zip(cores, SCALES, strict=True):

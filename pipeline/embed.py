@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from pipeline.config import RuntimeConfig
 from pipeline.errors import StripinspectError
 
 INPUT_NAME = "pixels"
@@ -114,6 +115,25 @@ class OnnxEmbedder:
         if warmup_hw is not None:
             # The first run allocates the arena and picks kernels; do it here, not on frame one.
             self.embed(np.zeros((1, *warmup_hw, input_channels or 3), dtype=np.uint8))
+
+    @classmethod
+    def for_runtime(
+        cls, *, model_path: Path, embedding_dim: int, input_channels: int | None, runtime: RuntimeConfig
+    ) -> OnnxEmbedder:
+        """The embedder with every onnxruntime setting of ``runtime``: fitting and the daemon
+        build it here, so what was fitted runs under the same session options."""
+        return cls(
+            model_path=model_path,
+            embedding_dim=embedding_dim,
+            input_channels=input_channels,
+            threads=runtime.onnx_threads,
+            providers=runtime.providers,
+            optimization=runtime.onnx_optimization,
+            arena=runtime.onnx_arena,
+            spinning=runtime.onnx_spinning,
+            gpu_fp16=runtime.gpu_fp16,
+            trt_cache_dir=runtime.trt_cache_dir,
+        )
 
     def embed(self, pixels: np.ndarray) -> np.ndarray:
         if not isinstance(pixels, np.ndarray) or pixels.dtype != np.uint8 or pixels.ndim != 4:

@@ -136,8 +136,6 @@ class FaissIndex:
         return obj
 
     def __init__(self, *, path: Path, dim: int, rows: int, threads: int, knn: KnnConfig | None = None) -> None:
-        if threads < 1:
-            raise KnnError(f"threads must be >= 1, got {threads}")
         if not Path(path).is_file():
             raise KnnError(f"index file not found: {path}")
         try:

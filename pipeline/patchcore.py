@@ -58,17 +58,11 @@ class PatchCoreScorer:
     def open(cls, bundle_dir: Path, *, runtime: RuntimeConfig, scoring: ScoringConfig) -> PatchCoreScorer:
         manifest = read_manifest(bundle_dir)
         try:
-            embedder = OnnxEmbedder(
+            embedder = OnnxEmbedder.for_runtime(
                 model_path=Path(bundle_dir) / MODEL_FILE,
                 embedding_dim=manifest.features.embedding_dim,
                 input_channels=manifest.input.channels,
-                threads=runtime.onnx_threads,
-                providers=runtime.providers,
-                optimization=runtime.onnx_optimization,
-                arena=runtime.onnx_arena,
-                spinning=runtime.onnx_spinning,
-                gpu_fp16=runtime.gpu_fp16,
-                trt_cache_dir=runtime.trt_cache_dir,
+                runtime=runtime,
             )
             index = FaissIndex(
                 path=Path(bundle_dir) / INDEX_FILE,

@@ -89,8 +89,5 @@ class Publisher:
         # which the subscriber sees as a gap in ``seq`` (and can fetch from the journal).
         self._sock.send_multipart([topic.encode("ascii"), json.dumps(header).encode(), *parts])
 
-    def alert(self, frame: Frame, defect: Defect, *, capture_md_m: float) -> None:
-        self.send("alert", alert_body(frame, defect, capture_md_m=capture_md_m))
-
     def close(self) -> None:
         self._sock.close()

@@ -102,6 +102,12 @@ def patch_mean_map(scores: np.ndarray, *, patch: int, stride: int, out_hw: tuple
     return np.ascontiguousarray(out)
 
 
+def dense_codes(session: ort.InferenceSession, outputs: list[str], image: np.ndarray) -> list[np.ndarray]:
+    """One image (H, W, C) uint8 through the dense encoder: codes (h, w, dim) float32 per output."""
+    out = session.run(outputs, {"pixels": np.ascontiguousarray(image[None])})
+    return [np.ascontiguousarray(o[0], dtype=np.float32) for o in out]
+
+
 class SvddScorer:
     """Scores images against a Patch SVDD bundle; same ``score`` and ``channels`` as PatchCore's."""
 
@@ -147,8 +153,7 @@ class SvddScorer:
 
     def codes(self, image: np.ndarray) -> list[np.ndarray]:
         """Codes per scale, each (h, w, dim) float32."""
-        out = self.session.run([s.output for s in self.manifest.scales], {"pixels": np.ascontiguousarray(image[None])})
-        return [np.ascontiguousarray(o[0], dtype=np.float32) for o in out]
+        return dense_codes(self.session, [s.output for s in self.manifest.scales], image)
 
     def score(self, image: np.ndarray) -> ImageScore:
         if image.ndim == 2:
