@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from pipeline.matmul_knn import matmul_search
+from pipeline.matmul_knn import MatmulBank
 
 LINES, CONTEXT, STRIDE, SIGMA = 1024, 192, 8, 4.0
 
@@ -174,11 +174,10 @@ def main() -> None:
 
         knn_backends["faiss"] = ("faiss-gpu flat (exact)", faiss_knn)
     if has_cupy:
-        gb = cp.asarray(bank)
-        gb_sq = (gb * gb).sum(axis=1)
+        gbank = MatmulBank(cp, bank)
 
         def cupy_knn(q: Any) -> Any:
-            d2, _ = matmul_search(cp, gb, gb_sq, cp.asarray(q), 1)
+            d2, _ = gbank.search(cp.asarray(q), 1)
             return cp.sqrt(d2[:, 0])
 
         knn_backends["cupy"] = ("CuPy matrix product, fp32 (exact; the daemon's fallback without faiss-gpu)", cupy_knn)

@@ -18,7 +18,7 @@ import numpy as np
 
 from pipeline.config import KnnConfig
 from pipeline.errors import StripinspectError
-from pipeline.matmul_knn import matmul_search
+from pipeline.matmul_knn import MatmulBank
 
 INDEX_TYPES = ("flat",)
 # faiss' k-means wants at least this many training points per centroid (it warns below 39).
@@ -112,8 +112,7 @@ class _GpuSearch:
             raise KnnError("knn.device is cuda but neither faiss-gpu nor CuPy is installed") from None
         except Exception as err:  # CuPy raises its own CUDARuntimeError when no driver is present
             raise KnnError(f"knn.device is cuda but CUDA is not usable: {str(err).splitlines()[0]}") from None
-        self._bank = self._cp.asarray(bank)
-        self._bank_sq = (self._bank * self._bank).sum(axis=1)
+        self._matmul = MatmulBank(self._cp, bank)
         self.backend = "cupy matmul"
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -121,7 +120,7 @@ class _GpuSearch:
             d2, ids = self._faiss_gpu.search(queries, k)
             return d2, ids
         cp = self._cp
-        d2, ids = matmul_search(cp, self._bank, self._bank_sq, cp.asarray(queries), k)
+        d2, ids = self._matmul.search(cp.asarray(queries), k)
         return cp.asnumpy(d2).astype(np.float32), cp.asnumpy(ids).astype(np.int64)
 
 

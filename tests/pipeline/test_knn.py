@@ -8,7 +8,7 @@ import pytest
 
 from pipeline.config import KnnConfig
 from pipeline.knn import FaissIndex, KnnError, build_index, build_search_index, ivf_lists, write_index
-from pipeline.matmul_knn import matmul_search
+from pipeline.matmul_knn import MatmulBank
 
 
 def _clustered(n: int, dim: int, seed: int) -> np.ndarray:
@@ -77,13 +77,15 @@ def test_matmul_search_equals_faiss() -> None:
     # The GPU fallback's arithmetic, run with NumPy standing in for CuPy (no GPU here).
     bank = _clustered(3000, 24, seed=3)
     q = _clustered(200, 24, seed=4)
-    d2, ids = matmul_search(np, bank, (bank * bank).sum(axis=1), q, 5)
+    mm = MatmulBank(np, bank)
+    d2, ids = mm.search(q, 5)
     flat = faiss.IndexFlatL2(24)
     flat.add(bank)
     ref_d2, ref_ids = flat.search(q, 5)
     np.testing.assert_allclose(d2, ref_d2, rtol=1e-3, atol=1e-2)
     assert (ids == ref_ids).mean() > 0.99  # ties in float32 may swap
-    d1, ids1 = matmul_search(np, bank, (bank * bank).sum(axis=1), q, 1, chunk=64)  # 4 chunks
+    mm.chunk = 64  # 4 chunks
+    d1, ids1 = mm.search(q, 1)
     assert (ids1[:, 0] == ref_ids[:, 0]).all() and d1.shape == (200, 1)
 
 
