@@ -23,6 +23,7 @@ from calibration.metrics import (
     pro_auc_from_regions,
 )
 from pipeline.config import Config
+from pipeline.ensemble import EnsembleScorer, is_ensemble
 from pipeline.errors import StripinspectError
 from pipeline.images import ImageReadError, list_images, read_image, read_mask
 from pipeline.patchcore import PatchCoreScorer
@@ -79,10 +80,13 @@ def evaluate(
     *, bundle: Path, data: Path, out: Path, cfg: Config, overlays_per_type: int = 4, progress: bool = True
 ) -> dict[str, object]:
     items = find_test_images(data)
-    scorer: PatchCoreScorer | SvddScorer
-    if is_svdd_bundle(bundle):
+    scorer: PatchCoreScorer | SvddScorer | EnsembleScorer
+    if is_ensemble(bundle):
+        scorer = EnsembleScorer.open(bundle, runtime=cfg.runtime, scoring=cfg.scoring)
+        method, bank_rows = "ensemble", 0
+    elif is_svdd_bundle(bundle):
         scorer = SvddScorer.open(bundle, runtime=cfg.runtime)
-        method, bank_rows = "patch_svdd", sum(s.rows for s in scorer.manifest.scales)
+        method, bank_rows = str(scorer.manifest.kind), sum(s.rows for s in scorer.manifest.scales)
     else:
         scorer = PatchCoreScorer.open(bundle, runtime=cfg.runtime, scoring=cfg.scoring)
         method, bank_rows = scorer.manifest.features.backbone, scorer.manifest.index.rows

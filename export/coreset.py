@@ -194,3 +194,16 @@ class StreamingCoreset:
         # of size k, so a smaller bank is a prefix of a larger one.
         idx = greedy_kcenter(self._project(union), self.final_rows, seed=self.seed + 7919)
         return np.ascontiguousarray(union[idx])
+
+
+def reduce_union(parts: list[np.ndarray], rows: int, *, projection_dim: int, seed: int) -> np.ndarray:
+    """Greedy k-center of ``rows`` rows from the union of coresets ``parts`` (composable coreset),
+    in greedy order, float32 (rows, dim); the union itself when it has at most ``rows`` rows."""
+    if not parts:
+        raise CoresetError("no coresets to reduce")
+    union = np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
+    if rows >= union.shape[0]:
+        return union
+    projection = random_projection(union.shape[1], projection_dim, seed=seed)
+    idx = greedy_kcenter(union if projection is None else union @ projection, rows, seed=seed + 7919)
+    return np.ascontiguousarray(union[idx])

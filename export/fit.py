@@ -8,13 +8,15 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
-from export.coreset import StreamingCoreset
+from export.coreset import StreamingCoreset, reduce_union
 from export.onnx_export import MODEL_INFO_FILE, ModelInfo, export_backbone
 from pipeline.bundle import (
     INDEX_FILE,
     MODEL_FILE,
+    POSITION_STATS_FILE,
     SCHEMA_VERSION,
     CoresetSpec,
     FeatureSpec,
@@ -22,6 +24,7 @@ from pipeline.bundle import (
     IndexSpec,
     InputSpec,
     Manifest,
+    PositionStats,
     sha256_file,
     write_manifest,
 )
@@ -29,7 +32,7 @@ from pipeline.config import Config
 from pipeline.embed import MIN_SIDE, OnnxEmbedder
 from pipeline.errors import StripinspectError
 from pipeline.images import ImageReadError, list_images, read_image
-from pipeline.knn import build_index, write_index
+from pipeline.knn import FaissIndex, build_index, write_index
 from pipeline.patchcore import resize_for_model
 
 
@@ -89,20 +92,54 @@ def fit_bundle(*, data: Path, out: Path, cfg: Config, model_dir: Path | None = N
     embedder = OnnxEmbedder.for_runtime(
         model_path=out / MODEL_FILE, embedding_dim=info.embedding_dim, input_channels=channels, runtime=cfg.runtime
     )
-    coreset = StreamingCoreset(
-        dim=info.embedding_dim,
-        total_patches=total,
-        final_rows=final_rows,
-        oversample=cc.oversample,
-        chunk_patches=cc.chunk_patches,
-        projection_dim=cc.projection_dim,
-        seed=cc.seed,
-    )
-    for f in tqdm(files, desc="embed + coreset", disable=not progress, unit="img"):
+    model_sizes = sorted({_scaled_hw(*s, scale) for s in sizes})
+    folds = cfg.fit.position_folds if len(model_sizes) == 1 and len(files) >= cfg.fit.position_folds else 0
+    # Folds are contiguous runs of the files in name order (camera files are usually named by
+    # time): a held-out fold is a different stretch of time, as the frames to come will be.
+    fold_of = [i * folds // len(files) for i in range(len(files))] if folds else [0] * len(files)
+    patches = [math.ceil(h / stride) * math.ceil(w / stride) for h, w in (_scaled_hw(*s, scale) for s in sizes)]
+    fold_totals = [sum(p for p, f in zip(patches, fold_of, strict=True) if f == k) for k in range(folds)]
+
+    def streaming(total_patches: int, rows: int, oversample: float, seed: int) -> StreamingCoreset:
+        return StreamingCoreset(
+            dim=info.embedding_dim,
+            total_patches=total_patches,
+            final_rows=rows,
+            oversample=oversample,
+            chunk_patches=cc.chunk_patches,
+            projection_dim=cc.projection_dim,
+            seed=seed,
+        )
+
+    main = streaming(total, final_rows, cc.oversample, cc.seed)
+    # Cross-fitting: each fold also keeps its share of the oversampled budget on its own, so that
+    # a bank without fold k is the union of the other folds' coresets reduced again (composable).
+    # The bank itself is chosen from all images in one stream, as without folds.
+    fold_cores = [
+        streaming(t, math.ceil(cc.oversample * final_rows * t / total), 1.0, cc.seed + 1 + k)
+        for k, t in enumerate(fold_totals)
+    ]
+    for f, k in zip(tqdm(files, desc="embed + coreset", disable=not progress, unit="img"), fold_of, strict=True):
         img = resize_for_model(read_image(f), scale)
-        feats = embedder.embed(img[None])[0]
-        coreset.add(feats.reshape(-1, info.embedding_dim))
-    bank = coreset.finish()
+        feats = embedder.embed(img[None])[0].reshape(-1, info.embedding_dim)
+        main.add(feats)
+        if folds:
+            fold_cores[k].add(feats)
+    bank = main.finish()
+    parts = [c.finish() for c in fold_cores]
+    position_stats = None
+    if folds:
+        position_stats = _position_stats(
+            files=files,
+            fold_of=fold_of,
+            parts=parts,
+            rows=final_rows,
+            cfg=cfg,
+            embedder=embedder,
+            out=out,
+            model_hw=model_sizes[0],
+            progress=progress,
+        )
     index = build_index(bank, cfg.fit.index)
     write_index(index, out / INDEX_FILE)
     manifest = Manifest(
@@ -131,7 +168,7 @@ def fit_bundle(*, data: Path, out: Path, cfg: Config, model_dir: Path | None = N
             oversample=cc.oversample,
             chunk_patches=cc.chunk_patches,
             seed=cc.seed,
-            patches_seen=coreset.patches_seen,
+            patches_seen=main.patches_seen,
             rows=int(bank.shape[0]),
         ),
         fitted_on=FittedOn(
@@ -140,7 +177,59 @@ def fit_bundle(*, data: Path, out: Path, cfg: Config, model_dir: Path | None = N
             image_sizes=sorted(set(sizes)),
             fit_seconds=round(time.perf_counter() - t0, 3),
         ),
-        files={name: sha256_file(out / name) for name in (MODEL_FILE, INDEX_FILE, MODEL_INFO_FILE)},
+        position_stats=position_stats,
+        files={
+            name: sha256_file(out / name)
+            for name in (MODEL_FILE, INDEX_FILE, MODEL_INFO_FILE, *((POSITION_STATS_FILE,) if position_stats else ()))
+        },
     )
     write_manifest(out, manifest)
     return manifest
+
+
+def _position_stats(
+    *,
+    files: list[Path],
+    fold_of: list[int],
+    parts: list[np.ndarray],
+    rows: int,
+    cfg: Config,
+    embedder: OnnxEmbedder,
+    out: Path,
+    model_hw: tuple[int, int],
+    progress: bool,
+) -> PositionStats:
+    """Median and MAD of every patch position's score over the training images, each scored by
+    the runtime's search against a bank of the same size chosen without its fold (cross-fitting:
+    a training image scored against a bank that holds its own patches would score near 0)."""
+    cc = cfg.fit.coreset
+    folds = len(parts)
+    grids: list[np.ndarray] = []
+    bar = tqdm(total=len(files), desc="normal score statistics", disable=not progress, unit="img")
+    for k in range(folds):
+        others = [p for j, p in enumerate(parts) if j != k]
+        held_bank = reduce_union(others, rows, projection_dim=cc.projection_dim, seed=cc.seed)
+        index = FaissIndex.from_bank(held_bank, threads=cfg.runtime.faiss_threads, knn=cfg.runtime.knn)
+        for f, fold in zip(files, fold_of, strict=True):
+            if fold != k:
+                continue
+            feats = embedder.embed(resize_for_model(read_image(f), cfg.fit.scale)[None])[0]
+            dist, _ = index.search(feats.reshape(-1, feats.shape[2]), 1)
+            grids.append(dist[:, 0].reshape(feats.shape[:2]))
+            bar.update(1)
+    bar.close()
+    g = np.stack(grids)
+    median = np.median(g, axis=0)
+    mad = np.median(np.abs(g - median), axis=0)
+    # A position whose held-out scores never vary would divide by zero; floor the MAD at a
+    # thousandth of the typical one.
+    mad = np.maximum(mad, 1e-3 * max(float(np.median(mad)), 1e-12))
+    np.savez(out / POSITION_STATS_FILE, median=median.astype(np.float32), mad=mad.astype(np.float32))
+    return PositionStats(
+        file=POSITION_STATS_FILE,
+        grid=(int(g.shape[1]), int(g.shape[2])),
+        image_hw=model_hw,
+        folds=folds,
+        images=len(grids),
+        median_of_medians=float(np.median(median)),
+    )

@@ -101,12 +101,13 @@ class Encoder64(nn.Module):
 
 
 class PositionClassifier(nn.Module):
-    """Which of the 8 neighbours the second patch came from, from the two codes (concatenated)."""
+    """Where the second patch lies relative to the first (one of ``classes`` positions: the 8
+    neighbours of Patch SVDD, the 12 directions of the multi-scale method), from the two codes."""
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, classes: int = 8) -> None:
         super().__init__()
         self.net = nn.Sequential(
-            nn.Linear(2 * dim, 128), nn.LeakyReLU(0.1), nn.Linear(128, 128), nn.LeakyReLU(0.1), nn.Linear(128, 8)
+            nn.Linear(2 * dim, 128), nn.LeakyReLU(0.1), nn.Linear(128, 128), nn.LeakyReLU(0.1), nn.Linear(128, classes)
         )
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -126,6 +127,7 @@ class SvddTrainConfig:
     jitter_ssl: int = 8  # px: perturbation of the 3 x 3 grid positions (K / 8 for K = 64)
     patience: int = 5  # evaluations (every 100 iterations) without 1 % improvement: stop (once learning)
     seed: int = 0
+    device: str = "cpu"  # torch device for training ("cuda" for the GPU preset)
 
 
 @dataclass
@@ -134,21 +136,36 @@ class SvddHistory:
     svdd: list[float] = field(default_factory=list)
     ssl: list[float] = field(default_factory=list)
     ssl_accuracy: list[float] = field(default_factory=list)
+    cos: list[float] = field(default_factory=list)  # multi-scale method only
+    kmeans: list[float] = field(default_factory=list)  # multi-scale method only
     seconds: float = 0.0
     stopped_early: bool = False
+
+
+def check_device(device: str) -> str:
+    """``device`` if torch can train on it here; else SvddError with the reason."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SvddError(f"training device {device!r}: torch {torch.__version__} sees no CUDA GPU here")
+    try:
+        torch.empty(1, device=device)
+    except (RuntimeError, ValueError) as err:
+        raise SvddError(f"training device {device!r}: {str(err).splitlines()[0]}") from None
+    return device
 
 
 class PatchSampler:
     """Random patch pairs from normal images (uint8 (H, W, C)), seeded."""
 
-    def __init__(self, images: list[np.ndarray], seed: int) -> None:
+    def __init__(self, images: list[np.ndarray], seed: int, device: str = "cpu") -> None:
         if not images:
             raise SvddError("no training images")
         small = [im.shape for im in images if min(im.shape[:2]) < 3 * 64 + 2 * 16]
         if small:
             raise SvddError(f"images must be at least 224 px on each side for 64 px patches, got {small[0]}")
+        self.device = torch.device(device)
         self.images = [
-            torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1).float().div(127.5).sub(1.0) for im in images
+            torch.from_numpy(np.ascontiguousarray(im)).to(self.device).permute(2, 0, 1).float().div(127.5).sub(1.0)
+            for im in images
         ]
         self.rng = np.random.default_rng(seed)
 
@@ -181,7 +198,7 @@ class PatchSampler:
             a.append(self._crop(img, y, x, k))
             b.append(self._crop(img, y + ry * k + dy, x + rx * k + dx, k))
             labels.append(label)
-        return torch.stack(a), torch.stack(b), torch.tensor(labels)
+        return torch.stack(a), torch.stack(b), torch.tensor(labels, device=self.device)
 
 
 def _scale_losses(
@@ -203,10 +220,10 @@ def train_svdd(
     """Train both scales (64 px hierarchical and its shared 32 px encoder) on ``images``."""
     torch.manual_seed(cfg.seed)
     channels = images[0].shape[2] if images else 1
-    sampler = PatchSampler(images, cfg.seed)
+    sampler = PatchSampler(images, cfg.seed, check_device(cfg.device))
     enc32 = Encoder32(channels, cfg.dim)
-    enc64 = Encoder64(enc32, cfg.dim)
-    clf64, clf32 = PositionClassifier(cfg.dim), PositionClassifier(cfg.dim)
+    enc64 = Encoder64(enc32, cfg.dim).to(sampler.device)
+    clf64, clf32 = PositionClassifier(cfg.dim).to(sampler.device), PositionClassifier(cfg.dim).to(sampler.device)
     params = [*enc64.parameters(), *clf64.parameters(), *clf32.parameters()]
     opt = torch.optim.Adam(params, lr=cfg.lr)
     hist = SvddHistory()
@@ -242,14 +259,19 @@ def train_svdd(
                     hist.stopped_early = True
                     break
     hist.seconds = time.perf_counter() - t0
-    return enc64.eval(), hist
+    return enc64.cpu().eval(), hist
 
 
 def plot_history(hist: SvddHistory, path: Path, size: tuple[int, int] = (640, 360)) -> None:
-    """Loss curves (total, SVDD', SSL; smoothed over 50 iterations) as a PNG, drawn with OpenCV."""
+    """Loss curves (total, SVDD', SSL, and cosine and k-means where trained; smoothed over 50
+    iterations) as a PNG, drawn with OpenCV."""
     w, h = size
     img = np.full((h, w, 3), 255, np.uint8)
     curves = [(hist.loss, (0, 0, 0)), (hist.svdd, (200, 80, 0)), (hist.ssl, (0, 0, 200))]
+    label = "loss (black), SVDD' (blue), SSL (red)"
+    if hist.cos:
+        curves += [(hist.cos, (0, 150, 0)), (hist.kmeans, (160, 0, 160))]
+        label += ", cosine (green), k-means (purple)"
     k = 50
     smooth = [np.convolve(c, np.ones(k) / k, mode="valid") if len(c) >= k else np.asarray(c) for c, _ in curves]
     top = max((float(s.max()) for s in smooth if len(s)), default=1.0) or 1.0
@@ -262,7 +284,7 @@ def plot_history(hist: SvddHistory, path: Path, size: tuple[int, int] = (640, 36
             np.int32,
         )
         cv2.polylines(img, [pts], False, colour, 2)
-    cv2.putText(img, "loss (black), SVDD' (blue), SSL (red)", (24, 24), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (60, 60, 60), 1)
+    cv2.putText(img, label, (24, 24), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (60, 60, 60), 1)
     cv2.imwrite(str(path), img)
 
 
@@ -285,25 +307,36 @@ class DenseSvdd(nn.Module):
 def export_svdd(
     enc64: Encoder64, channels: int, path: Path, *, check_sizes: tuple[tuple[int, int], ...] = ((96, 128), (160, 112))
 ) -> float:
-    """Write the dense encoder as ONNX (dynamic H, W) and return the worst relative error of
-    onnxruntime against torch on random inputs of ``check_sizes``; over 1e-4 deletes the file
-    and raises."""
+    """Write the dense Patch SVDD encoder as ONNX; see ``export_dense_encoder``."""
+    net = DenseSvdd(enc64.eval(), channels).eval()
+    return export_dense_encoder(net, channels, path, outputs=("codes64", "codes32"), check_sizes=check_sizes)
+
+
+def export_dense_encoder(
+    net: nn.Module,
+    channels: int,
+    path: Path,
+    *,
+    outputs: tuple[str, ...],
+    check_sizes: tuple[tuple[int, int], ...] = ((96, 128), (160, 112)),
+) -> float:
+    """Write a dense encoder (uint8 NHWC ``pixels`` in, one NHWC code map per name in ``outputs``)
+    as ONNX with dynamic H, W, and return the worst relative error of onnxruntime against torch
+    on random inputs of ``check_sizes``; over 1e-4 deletes the file and raises."""
     import onnxruntime as ort
 
-    net = DenseSvdd(enc64.eval(), channels).eval()
+    net = net.eval()
     example = torch.zeros((1, 96, 96, channels), dtype=torch.uint8)
+    axes: dict[str, dict[int, str]] = {"pixels": {0: "n", 1: "h", 2: "w"}}
+    axes |= {name: {0: "n", 1: f"h_{name}", 2: f"w_{name}"} for name in outputs}
     with torch.no_grad():
         torch.onnx.export(
             net,
             (example,),
             str(path),
             input_names=["pixels"],
-            output_names=["codes64", "codes32"],
-            dynamic_axes={
-                "pixels": {0: "n", 1: "h", 2: "w"},
-                "codes64": {0: "n", 1: "h64", 2: "w64"},
-                "codes32": {0: "n", 1: "h32", 2: "w32"},
-            },
+            output_names=list(outputs),
+            dynamic_axes=axes,
             opset_version=17,
             dynamo=False,
         )

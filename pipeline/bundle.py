@@ -20,6 +20,7 @@ SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 MODEL_FILE = "model.onnx"
 INDEX_FILE = "index.faiss"
+POSITION_STATS_FILE = "position_stats.npz"
 
 
 class BundleError(StripinspectError):
@@ -95,6 +96,18 @@ class BandThresholds(_Frozen):
     created_utc: str
 
 
+class PositionStats(_Frozen):
+    """Normal patch-score statistics per patch position, from training images scored against
+    banks fitted without them (cross-fitting); applies to images of the fitted size only."""
+
+    file: str = Field(description="npz with float32 arrays 'median' and 'mad' of shape grid.")
+    grid: tuple[int, int] = Field(description="Patch grid (rows, columns) the statistics describe.")
+    image_hw: tuple[int, int] = Field(description="Model input size (after fit.scale) of the images.")
+    folds: int = Field(ge=2, description="Training images split into this many contiguous folds.")
+    images: int = Field(ge=2)
+    median_of_medians: float = Field(ge=0)
+
+
 class Manifest(_Frozen):
     schema_version: int
     created_utc: str
@@ -105,6 +118,7 @@ class Manifest(_Frozen):
     fitted_on: FittedOn
     thresholds: dict[str, float] | None = None
     band_thresholds: BandThresholds | None = None
+    position_stats: PositionStats | None = None
     files: dict[str, str] = Field(description="sha256 of every other file of the bundle.")
 
 

@@ -27,7 +27,7 @@ from pipeline.defects import extract_defects, per_column
 from pipeline.edges import EdgeTracker, detect_edges, mask_outside
 from pipeline.errors import StripinspectError
 from pipeline.flatfield import FlatField
-from pipeline.framescore import FrameScorer
+from pipeline.framescore import AnyFrameScorer, EncoderFrameScorer, FrameScorer
 from pipeline.genicam import CameraError
 from pipeline.journal import AlertJournal, JournalError
 from pipeline.linescan import BadBlockError, LineAssembler
@@ -37,7 +37,7 @@ from pipeline.publish import Publisher, alert_body
 from pipeline.ratelog import RateLimitedLog
 from pipeline.security import CurveServer
 from pipeline.sources import Source
-from pipeline.svdd import is_svdd_bundle
+from pipeline.svdd import SvddScorer, is_svdd_bundle
 from pipeline.systemd import notify
 
 log = logging.getLogger("stripinspect.daemon")
@@ -53,8 +53,9 @@ class Embedded:
 
     frame: Frame
     pixels: np.ndarray  # (lines, width, C) uint8, flat-field corrected
-    features: np.ndarray  # (lines / stride, width / stride, D) float32
-    frame_scorer: FrameScorer
+    # PatchCore: (lines / stride, width / stride, D) float32; learned encoders: one such map per scale
+    features: Any
+    frame_scorer: AnyFrameScorer
     threshold: float | np.ndarray
     cfg: DaemonConfig
     seconds: dict[str, float]
@@ -140,7 +141,7 @@ class Daemon:
                 f"camera delivers {source.channels} channel(s), bundle {cfg.bundle} was fitted on "
                 f"{self.frame_scorer.scorer.channels}"
             )
-        self._pending: FrameScorer | None = None
+        self._pending: AnyFrameScorer | None = None
         self._pending_threshold: float | np.ndarray | None = None
         self._pending_recipe: tuple[DaemonConfig, FlatField | None] | None = None
         self._swap_lock = threading.Lock()
@@ -208,7 +209,7 @@ class Daemon:
         self._drifting = False
         self.threshold = self._threshold_for(self.frame_scorer, cfg)
 
-    def _threshold_for(self, fs: FrameScorer, cfg: DaemonConfig) -> float | np.ndarray:
+    def _threshold_for(self, fs: AnyFrameScorer, cfg: DaemonConfig) -> float | np.ndarray:
         """``cfg.threshold``, else the bundle's per-band thresholds (per column), else its pixel one."""
         if cfg.threshold is not None:
             return cfg.threshold
@@ -231,30 +232,34 @@ class Daemon:
         return self._threshold_value(t, fs)
 
     @staticmethod
-    def _threshold_value(t: float | np.ndarray, fs: FrameScorer) -> float | list[float]:
+    def _threshold_value(t: float | np.ndarray, fs: AnyFrameScorer) -> float | list[float]:
         if isinstance(t, np.ndarray):
             bands = fs.scorer.manifest.band_thresholds
             assert bands is not None  # per-column thresholds only ever come from bands
             return [float(t[e]) for e in bands.band_edges_px[:-1]]  # one value per band, left to right
         return float(t)
 
-    def _load(self, bundle: Path) -> FrameScorer:
-        if is_svdd_bundle(bundle):
-            raise StripinspectError(f"{bundle}: a Patch SVDD bundle; the daemon serves PatchCore bundles only so far")
-        scorer = PatchCoreScorer.open(bundle, runtime=self.runtime, scoring=self.scoring)
-        try:
-            fs = FrameScorer(scorer=scorer, tile=self.cfg.tile, margin=self.cfg.tile_margin)
-        except ValueError as err:
-            raise StripinspectError(f"{bundle}: {err}") from None
-        if scorer.channels == self.source.channels:
+    def _load(self, bundle: Path) -> AnyFrameScorer:
+        fs = self._open_frame_scorer(bundle)
+        if fs.scorer.channels == self.source.channels:
             # One frame of the real size before the first real one: onnxruntime sizes its arena
             # and picks kernels per input shape, which otherwise makes frame one twice as slow
             # and the p99 latency a start-up artefact.
             lines, width = self.cfg.frame_lines, self.source.width
-            feats = fs.features(np.zeros((lines, width, scorer.channels), dtype=np.uint8))
+            feats = fs.features(np.zeros((lines, width, fs.scorer.channels), dtype=np.uint8))
             patch, first, _ = fs.search_band(feats, valid=(0, lines), lines=lines)
             fs.band_map(patch, first, out_hw=(lines, width))
         return fs
+
+    def _open_frame_scorer(self, bundle: Path) -> AnyFrameScorer:
+        """PatchCore bundles and learned-encoder bundles (Patch SVDD, multi-scale) alike."""
+        try:
+            if is_svdd_bundle(bundle):
+                return EncoderFrameScorer(scorer=SvddScorer.open(bundle, runtime=self.runtime), tile=self.cfg.tile)
+            scorer = PatchCoreScorer.open(bundle, runtime=self.runtime, scoring=self.scoring)
+            return FrameScorer(scorer=scorer, tile=self.cfg.tile, margin=self.cfg.tile_margin)
+        except ValueError as err:
+            raise StripinspectError(f"{bundle}: {err}") from None
 
     # --- threads ------------------------------------------------------------------------
 

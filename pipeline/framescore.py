@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, Protocol
+
 import numpy as np
 
 from pipeline.patchcore import ImageScore, PatchCoreScorer
 from pipeline.scoring import anomaly_map, band_rows
+from pipeline.svdd import SvddScorer, patch_mean_map
 from pipeline.tiling import cut_tiles, plan_tiles, stitch_features
 
 ALIGN = 16  # coarsest stride of the registered backbones
@@ -70,3 +74,90 @@ class FrameScorer:
         out = np.zeros((h, w), dtype=np.float32)
         out[top : top + band.shape[0]] = band
         return out
+
+
+@dataclass(frozen=True)
+class EncoderBand:
+    """kNN result of one frame's band for a learned-encoder bundle: per scale, the patch scores
+    (rows, w) float32 of the patch rows reaching the band and the first of those rows; ``rows``
+    is the pixel band [start, stop) whose map is exact."""
+
+    patch_scores: tuple[np.ndarray, ...]
+    first_rows: tuple[int, ...]
+    rows: tuple[int, int]
+
+
+class EncoderFrameScorer:
+    """Frames (lines, width, C) uint8 through a learned patch-encoder bundle (Patch SVDD or the
+    multi-scale method) -> ``ImageScore``, with the same band interface as ``FrameScorer``.
+
+    The whole frame goes through the dense encoder in one call (its receptive field, at most 64
+    px, is far inside the frame overlap); the kNN searches, per scale, only the patch rows that
+    cover the valid rows plus the largest patch on each side.
+    """
+
+    def __init__(self, *, scorer: SvddScorer, tile: int | None) -> None:
+        if tile is not None:
+            raise ValueError(
+                "daemon.tile is for PatchCore bundles; encoder bundles embed whole frames (set tile: null)"
+            )
+        self.scorer = scorer
+        self.margin = max(s.patch for s in scorer.manifest.scales)
+
+    def features(self, pixels: np.ndarray) -> list[np.ndarray]:
+        h, w = pixels.shape[:2]
+        if h % ALIGN or w % ALIGN:
+            raise ValueError(f"frame {h} x {w} must be a multiple of {ALIGN} on both sides")
+        return self.scorer.codes(pixels)
+
+    def score(self, pixels: np.ndarray) -> ImageScore:
+        return self.scorer.score(self.scorer.check_image(pixels))
+
+    def search_band(
+        self, feats: list[np.ndarray], *, valid: tuple[int, int], lines: int
+    ) -> tuple[EncoderBand, int, float]:
+        v0, v1 = valid
+        if not 0 <= v0 < v1 <= lines:
+            raise ValueError(f"valid rows [{v0}, {v1}) not inside 0..{lines}")
+        b0, b1 = max(0, v0 - self.margin), min(lines, v1 + self.margin)
+        picked, firsts = [], []
+        for spec, codes in zip(self.scorer.manifest.scales, feats, strict=True):
+            # Patch row i covers pixel rows [i * stride, i * stride + patch).
+            r0 = max(0, -(-(b0 - spec.patch + 1) // spec.stride))
+            r1 = min(codes.shape[0], -(-b1 // spec.stride))
+            picked.append(codes[r0:r1])
+            firsts.append(r0)
+        scores = self.scorer.search(picked)
+        return EncoderBand(tuple(scores), tuple(firsts), (b0, b1)), b0, max(float(s.max()) for s in scores)
+
+    def band_map(self, band: EncoderBand, first_row: int, *, out_hw: tuple[int, int]) -> np.ndarray:
+        """Pixel map (lines, width) float32: the whole frame's map on the valid rows, 0 outside
+        the band."""
+        h, w = out_hw
+        b0, b1 = band.rows
+        maps = []
+        for spec, scores, r0 in zip(self.scorer.manifest.scales, band.patch_scores, band.first_rows, strict=True):
+            top = r0 * spec.stride
+            m = patch_mean_map(scores, patch=spec.patch, stride=spec.stride, out_hw=(max(b1, h) - top, w))
+            maps.append(m[b0 - top : b1 - top])
+        combined = np.prod(maps, axis=0) if self.scorer.manifest.combine == "product" else np.sum(maps, axis=0)
+        out = np.zeros((h, w), dtype=np.float32)
+        out[b0:b1] = combined
+        return out
+
+
+class AnyFrameScorer(Protocol):
+    """What the daemon needs of a frame scorer. ``features`` returns the model's output for the
+    frame and ``search_band`` its band result; both are handed back to the same scorer only, so
+    they are opaque here (a PatchCore feature map, or one code map per encoder scale)."""
+
+    @property
+    def scorer(self) -> PatchCoreScorer | SvddScorer: ...
+
+    def features(self, pixels: np.ndarray) -> Any: ...
+
+    def score(self, pixels: np.ndarray) -> ImageScore: ...
+
+    def search_band(self, feats: Any, *, valid: tuple[int, int], lines: int) -> tuple[Any, int, float]: ...
+
+    def band_map(self, band: Any, first_row: int, *, out_hw: tuple[int, int]) -> np.ndarray: ...

@@ -12,7 +12,10 @@ from pipeline.bundle import INDEX_FILE, MODEL_FILE, BundleError, Manifest, read_
 from pipeline.config import RuntimeConfig, ScoringConfig
 from pipeline.embed import MIN_SIDE, EmbedderError, OnnxEmbedder
 from pipeline.knn import FaissIndex, KnnError
-from pipeline.scoring import anomaly_map, reweighted_image_score
+from pipeline.scoring import anomaly_map, max_window_mean, reweighted_image_score
+
+# Patch window of the image score under per-position normalisation (see score_features).
+POSITION_WINDOW = 2
 
 
 @dataclass(frozen=True)
@@ -21,7 +24,8 @@ class ImageScore:
 
     ``patch_scores``: float32 (h, w), distance of each patch to its nearest bank entry.
     ``anomaly_map``: float32 (H, W) at the input image's size, smoothed.
-    ``score``: PatchCore's re-weighted image score (eq. 7).
+    ``score``: PatchCore's re-weighted image score (eq. 7), or the largest per-position z-score
+    where the bundle's normal statistics apply (``PatchCoreScorer``).
     """
 
     score: float
@@ -43,9 +47,17 @@ class PatchCoreScorer:
     """Scores images against a bundle. Construct with ``open``; checks every file on entry."""
 
     def __init__(
-        self, *, manifest: Manifest, embedder: OnnxEmbedder, index: FaissIndex, scoring: ScoringConfig
+        self,
+        *,
+        manifest: Manifest,
+        embedder: OnnxEmbedder,
+        index: FaissIndex,
+        scoring: ScoringConfig,
+        position_stats: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> None:
         self.manifest = manifest
+        # (median, MAD) per patch position, (h, w) float32 each, for images of the fitted size.
+        self.position_stats = position_stats if scoring.position_normalise != "none" else None
         self.embedder = embedder
         self.index = index
         self.scoring = scoring
@@ -73,7 +85,10 @@ class PatchCoreScorer:
             )
         except (EmbedderError, KnnError) as err:
             raise BundleError(f"{bundle_dir}: {err}") from None
-        return cls(manifest=manifest, embedder=embedder, index=index, scoring=scoring)
+        stats = None
+        if manifest.position_stats is not None:
+            stats = read_position_stats(Path(bundle_dir) / manifest.position_stats.file, manifest.position_stats.grid)
+        return cls(manifest=manifest, embedder=embedder, index=index, scoring=scoring, position_stats=stats)
 
     def check_image(self, image: np.ndarray) -> np.ndarray:
         """(H, W) or (H, W, C) uint8 -> (H, W, C); ValueError with the reason otherwise."""
@@ -111,14 +126,69 @@ class PatchCoreScorer:
         neighbour_d = np.linalg.norm(self.index.vectors[nb[0]] - flat[worst], axis=1)
         return patch, reweighted_image_score(s_star, neighbour_d)
 
+    def _position_z(self, feats: np.ndarray, patch: np.ndarray) -> np.ndarray:
+        """Robust z-scores (patch - median) / MAD per position, (h, w) float32; ``patch`` is
+        updated in place where a score was searched again exactly. The approximate search makes
+        the top raw scores exact; the top z-scores (which decide the image score here) need not
+        be among them, so they are made exact the same way."""
+        assert self.position_stats is not None
+        median, mad = self.position_stats
+        z = (patch - median) / mad
+        if self.index.knn.index == "flat" or self.index.knn.exact_top <= 0:
+            return z
+        flat = feats.reshape(-1, feats.shape[2])
+        zf, pf = z.reshape(-1), patch.reshape(-1)
+        n = zf.size
+        n_top = max(1, int(np.ceil(self.index.knn.exact_top * n)))
+        exact = np.zeros(n, dtype=bool)
+        for _ in range(16):
+            top = np.argpartition(zf, n - n_top)[n - n_top :]
+            todo = top[~exact[top]]
+            if todo.size == 0:
+                break
+            d, _ = self.index.search_exact(flat[todo], 1)
+            pf[todo] = d[:, 0]
+            zf[todo] = (d[:, 0] - median.reshape(-1)[todo]) / mad.reshape(-1)[todo]
+            exact[todo] = True
+        return z
+
     def score_features(self, feats: np.ndarray, *, model_hw: tuple[int, int], out_hw: tuple[int, int]) -> ImageScore:
         """Patch features (h, w, D) of an image of ``model_hw`` pixels -> scores at ``out_hw``."""
         height, width = out_hw
         patch, score = self.search_patches(feats)
-        amap_scaled = anomaly_map(patch, stride=self.stride, out_hw=model_hw, sigma=self.scoring.sigma * self.scale)
+        map_scores = patch
+        if self.position_stats is not None and self.position_stats[0].shape == patch.shape:
+            # Robust z-score of each patch against normal images at the same position: a fixed
+            # camera view has positions that are rougher than others (edges, glare), and the
+            # image score should not be decided by the roughest normal position.
+            z = self._position_z(feats, patch)
+            # The largest mean over 2 x 2 patches rather than one patch: the 3 x 3 local
+            # aggregation spreads any real anomaly over several neighbouring patches, while a
+            # lone high z-score is mostly the noise of the per-position statistics.
+            score = max_window_mean(z, POSITION_WINDOW)
+            if self.scoring.position_normalise == "map":
+                map_scores = z
+        amap_scaled = anomaly_map(
+            map_scores, stride=self.stride, out_hw=model_hw, sigma=self.scoring.sigma * self.scale
+        )
         amap = (
             amap_scaled
             if model_hw == (height, width)
             else cv2.resize(amap_scaled, (width, height), interpolation=cv2.INTER_LINEAR)
         )
         return ImageScore(score=score, patch_scores=patch, anomaly_map=amap)
+
+
+def read_position_stats(path: Path, grid: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(median, MAD) float32 (h, w) from the bundle's npz (data only, no pickle); BundleError
+    naming what is wrong."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            median, mad = np.asarray(z["median"], np.float32), np.asarray(z["mad"], np.float32)
+    except (OSError, KeyError, ValueError) as err:
+        raise BundleError(f"{path}: unreadable position statistics: {err}") from None
+    if median.shape != tuple(grid) or mad.shape != tuple(grid):
+        raise BundleError(f"{path}: statistics of shape {median.shape}, manifest says {tuple(grid)}")
+    if not (np.isfinite(median).all() and np.isfinite(mad).all() and (mad > 0).all()):
+        raise BundleError(f"{path}: statistics are not finite or MAD is not positive")
+    return median, mad

@@ -65,3 +65,15 @@ def band_rows(valid_from: int, valid_to: int, *, stride: int, sigma: float, line
     r0 = max(0, (valid_from - margin) // stride)
     r1 = min(-(-lines // stride), -(-(valid_to + margin) // stride))
     return r0, r1
+
+
+def max_window_mean(amap: np.ndarray, window: int) -> float:
+    """Maximum over every ``window`` x ``window`` window lying inside ``amap`` of its mean (the
+    image score of the multi-scale method, Tsai et al. 2022, with 8 x 8 pixel windows); a map
+    thinner than the window uses windows of its short side."""
+    h, w = amap.shape
+    k = min(window, h, w)
+    c = np.zeros((h + 1, w + 1))
+    c[1:, 1:] = np.cumsum(np.cumsum(amap, axis=0, dtype=np.float64), axis=1)
+    sums = c[k:, k:] - c[:-k, k:] - c[k:, :-k] + c[:-k, :-k]
+    return float(sums.max() / (k * k))

@@ -1,10 +1,12 @@
-"""Scoring with a Patch SVDD bundle (Yi & Yoon, ACCV 2020, sec. 3.4), runtime side (no torch).
+"""Scoring with a learned patch-encoder bundle, runtime side (no torch): Patch SVDD (Yi & Yoon,
+ACCV 2020, sec. 3.4) and the multi-scale method (Tsai, Wu & Lai, WACV 2022).
 
 The bundle holds the dense encoder (``model.onnx``: uint8 NHWC pixels in, the codes of every
-64 px patch at stride 16 and of every 32 px patch at stride 4 out) and one bank of normal codes
-per scale (``index.faiss`` for 64 px, ``index32.faiss`` for 32 px). A patch's score is the L2
-distance of its code to the nearest normal code; each pixel gets the mean score of the patches
-covering it; the two scales' maps are multiplied; the image score is the map's maximum.
+patch of each scale at that scale's stride out) and one bank of normal codes per scale. A
+patch's score is the L2 distance of its code to the nearest normal code; each pixel gets the
+mean score of the patches covering it; the scales' maps are multiplied (Patch SVDD: 64 and 32
+px) or summed (multi-scale: 64, 32 and 16 px); the image score is the map's maximum (Patch
+SVDD) or the maximum of its 8 x 8-window means (multi-scale).
 """
 
 from __future__ import annotations
@@ -17,12 +19,15 @@ import numpy as np
 import onnxruntime as ort
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pipeline.bundle import MANIFEST_FILE, BundleError, sha256_file
+from pipeline.bundle import MANIFEST_FILE, BandThresholds, BundleError, sha256_file
 from pipeline.config import RuntimeConfig
 from pipeline.knn import FaissIndex, KnnError
 from pipeline.patchcore import ImageScore
+from pipeline.scoring import max_window_mean
 
 SVDD_KIND: Literal["patch_svdd"] = "patch_svdd"
+MSP_KIND: Literal["multiscale_patch"] = "multiscale_patch"
+ENCODER_KINDS = (SVDD_KIND, MSP_KIND)
 
 
 class ScaleSpec(BaseModel):
@@ -37,13 +42,19 @@ class ScaleSpec(BaseModel):
 class SvddManifest(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     schema_version: Literal[1]
-    kind: Literal["patch_svdd"]
+    kind: Literal["patch_svdd", "multiscale_patch"]
     created_utc: str
     channels: Literal[1, 3]
     dim: int = Field(ge=1)
     scales: tuple[ScaleSpec, ...] = Field(min_length=1)
-    combine: Literal["product", "sum"]
+    combine: Literal["product", "sum"] = Field(description="How the scales' maps are combined.")
+    image_score: Literal["max", "window_mean"] = Field(
+        default="max", description="Map maximum (Patch SVDD) or maximum of window means (multi-scale method)."
+    )
+    window: int = Field(default=1, ge=1, le=256, description="Window side in pixels for window_mean.")
     training: dict[str, float | int | str | bool]
+    thresholds: dict[str, float] | None = None
+    band_thresholds: BandThresholds | None = None
     files: dict[str, str]
 
 
@@ -52,7 +63,7 @@ def is_svdd_bundle(bundle_dir: Path) -> bool:
         data = json.loads((Path(bundle_dir) / MANIFEST_FILE).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return False
-    return isinstance(data, dict) and data.get("kind") == SVDD_KIND
+    return isinstance(data, dict) and data.get("kind") in ENCODER_KINDS
 
 
 def read_svdd_manifest(bundle_dir: Path) -> SvddManifest:
@@ -155,24 +166,46 @@ class SvddScorer:
         """Codes per scale, each (h, w, dim) float32."""
         return dense_codes(self.session, [s.output for s in self.manifest.scales], image)
 
-    def score(self, image: np.ndarray) -> ImageScore:
+    def check_image(self, image: np.ndarray) -> np.ndarray:
+        """(H, W) or (H, W, C) uint8 -> (H, W, C); ValueError with the reason otherwise."""
+        if not isinstance(image, np.ndarray) or image.dtype != np.uint8:
+            raise ValueError(f"image must be uint8, got {getattr(image, 'dtype', type(image).__name__)}")
         if image.ndim == 2:
             image = image[:, :, None]
-        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != self.channels:
-            raise ValueError(f"image {image.dtype} {image.shape} is not uint8 with {self.channels} channel(s)")
+        if image.ndim != 3 or image.shape[2] != self.channels:
+            raise ValueError(f"image shape {image.shape} does not have the bundle's {self.channels} channel(s)")
         if min(image.shape[:2]) < self.min_side:
             raise ValueError(f"image {image.shape} smaller than the {self.min_side} px patches")
-        H, W = image.shape[:2]
-        maps, first_patch = [], None
-        for spec, index, codes in zip(self.manifest.scales, self.indexes, self.codes(image), strict=True):
-            gh, gw, dim = codes.shape
-            flat = codes.reshape(-1, dim)
+        return image
+
+    def search(self, codes: list[np.ndarray]) -> list[np.ndarray]:
+        """Codes per scale -> patch scores per scale, each (h, w) float32: L2 to the nearest normal code."""
+        out = []
+        for index, c in zip(self.indexes, codes, strict=True):
+            gh, gw, dim = c.shape
+            flat = c.reshape(-1, dim)
             if not np.isfinite(flat).all():
+                # A broken model or input; faiss would abort the process on NaN distances.
                 raise ValueError("codes are not finite")
             dist, _ = index.search(flat, 1)
-            patch = dist[:, 0].reshape(gh, gw)
-            first_patch = patch if first_patch is None else first_patch
-            maps.append(patch_mean_map(patch, patch=spec.patch, stride=spec.stride, out_hw=(H, W)))
-        amap = np.prod(maps, axis=0) if self.manifest.combine == "product" else np.sum(maps, axis=0)
-        assert first_patch is not None
-        return ImageScore(score=float(amap.max()), patch_scores=first_patch, anomaly_map=amap.astype(np.float32))
+            out.append(dist[:, 0].reshape(gh, gw))
+        return out
+
+    def combine_maps(self, patch_scores: list[np.ndarray], out_hw: tuple[int, int]) -> tuple[np.ndarray, float]:
+        """Patch scores per scale -> the pixel map (H, W) float32 and the image score."""
+        maps = [
+            patch_mean_map(p, patch=spec.patch, stride=spec.stride, out_hw=out_hw)
+            for spec, p in zip(self.manifest.scales, patch_scores, strict=True)
+        ]
+        amap = (np.prod(maps, axis=0) if self.manifest.combine == "product" else np.sum(maps, axis=0)).astype(
+            np.float32
+        )
+        if self.manifest.image_score == "window_mean":
+            return amap, max_window_mean(amap, self.manifest.window)
+        return amap, float(amap.max())
+
+    def score(self, image: np.ndarray) -> ImageScore:
+        image = self.check_image(image)
+        patch_scores = self.search(self.codes(image))
+        amap, score = self.combine_maps(patch_scores, image.shape[:2])
+        return ImageScore(score=score, patch_scores=patch_scores[0], anomaly_map=amap)

@@ -52,13 +52,15 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from export.fit import fit_bundle
 
     cfg = _config(args.config)
-    if args.backend == "svdd":
-        from export.svdd_fit import fit_svdd
+    if args.backend in ("svdd", "msp"):
+        from export.svdd_fit import fit_msp, fit_svdd
 
-        sm = fit_svdd(data=args.data, out=args.out, cfg=cfg, progress=not args.quiet)
+        fit = fit_svdd if args.backend == "svdd" else fit_msp
+        sm = fit(data=args.data, out=args.out, cfg=cfg, progress=not args.quiet)
         t = sm.training
+        name = "Patch SVDD" if args.backend == "svdd" else "multi-scale patch encoders"
         print(
-            f"bundle {args.out}: Patch SVDD trained {t['iterations']} iterations in {t['train_seconds']} s "
+            f"bundle {args.out}: {name} trained {t['iterations']} iterations in {t['train_seconds']} s "
             f"(SSL accuracy {t['final_ssl_accuracy']}), banks {[s.rows for s in sm.scales]} rows, "
             f"{t['fit_seconds']} s in all; loss curves in {args.out / 'loss.png'}"
         )
@@ -67,6 +69,20 @@ def cmd_fit(args: argparse.Namespace) -> int:
     print(
         f"bundle {args.out}: {m.fitted_on.images} images, {m.coreset.patches_seen} patches -> "
         f"{m.index.rows} bank rows ({m.features.embedding_dim} dims) in {m.fitted_on.fit_seconds:.1f} s"
+    )
+    return 0
+
+
+def cmd_ensemble(args: argparse.Namespace) -> int:
+    from calibration.ensemble import make_ensemble
+
+    cfg = _config(args.config)
+    m = make_ensemble(
+        bundles=args.bundles, normal=args.normal, out=args.out, cfg=cfg, every=args.every, progress=not args.quiet
+    )
+    print(
+        f"ensemble {args.out}: {len(m.members)} members, normal-score statistics from {m.normal_images} images of "
+        f"{args.normal}"
     )
     return 0
 
@@ -367,11 +383,22 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--model", type=Path, default=None, help="folder from `export` (default: export now)")
     f.add_argument(
         "--backend",
-        choices=["patchcore", "svdd"],
+        choices=["patchcore", "svdd", "msp"],
         default="patchcore",
-        help="patchcore: ImageNet CNN + coreset bank; svdd: train a Patch SVDD encoder on the data (config svdd:)",
+        help="patchcore: ImageNet CNN + coreset bank; svdd: train a Patch SVDD encoder on the data (config svdd:); "
+        "msp: train multi-scale patch encoders, Tsai et al. 2022 (config msp:)",
     )
     f.set_defaults(func=cmd_fit)
+
+    n = sub.add_parser(
+        "ensemble", help="combine bundles: each map normalised by its normal-score statistics, then averaged"
+    )
+    with_config(n)
+    n.add_argument("--bundles", type=Path, nargs="+", required=True, help="member bundle folders (2 or more)")
+    n.add_argument("--normal", type=Path, required=True, help="folder of normal images for the statistics")
+    n.add_argument("--every", type=int, default=1, help="use every N-th normal image")
+    n.add_argument("--out", type=Path, required=True, help="ensemble folder to write (manifest.json)")
+    n.set_defaults(func=cmd_ensemble)
 
     v = sub.add_parser("evaluate", help="score an MVTec-layout test set; write metrics, scores, overlays")
     with_config(v)

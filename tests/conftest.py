@@ -79,6 +79,31 @@ def strip_bundle(tmp_path_factory: pytest.TempPathFactory, effnet_model_dir: Pat
     return root / "bundle"
 
 
+@pytest.fixture(scope="session")
+def svdd_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from stripinspect.demo import write_synthetic_dataset
+
+    # Frames of 256 x 256: room for the 3 x 3 grid of 64 px patches the SSL loss samples.
+    root = tmp_path_factory.mktemp("svdd_data")
+    write_synthetic_dataset(
+        Config(synthetic=SyntheticConfig(width=256, frame_lines=256, seed=7, train_frames=8, test_frames=6)), root
+    )
+    return root
+
+
+@pytest.fixture(scope="session")
+def svdd_bundle(tmp_path_factory: pytest.TempPathFactory, svdd_data: Path) -> Path:
+    from export.svdd_fit import fit_svdd
+    from pipeline.config import SvddConfig
+
+    out = tmp_path_factory.mktemp("svdd") / "bundle"
+    # A barely trained encoder: 40 steps at lr 1e-3 collapse every code to one point on this strip
+    # (SVDD' wins before SSL starts to learn), which would leave nothing to score.
+    cfg = Config(svdd=SvddConfig(dim=16, iterations=40, batch=8, lr=1e-5, bank_rows=512))
+    fit_svdd(data=svdd_data / "train" / "good", out=out, cfg=cfg, progress=False)
+    return out
+
+
 def loopback_daemon_config(*, bundle: Path, **overrides: Any) -> DaemonConfig:
     """A daemon config for tests: PUB and control on loopback at random ports, and a threshold
     no score reaches unless the test gives one."""

@@ -19,6 +19,20 @@ def test_check_config_ok_and_errors(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "fit.coreset.ratio = 0" in err and len(err.splitlines()) == 1
 
 
+def test_presets_validate_and_config_yaml_states_the_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    from pipeline.config import Config, load_config
+
+    for preset in sorted((REPO / "presets").glob("*.yaml")):
+        assert main(["check-config", str(preset)]) == 0, preset
+    gpu = load_config(REPO / "presets" / "train-gpu.yaml")
+    assert gpu.svdd.device == gpu.msp.device == "cuda" and gpu.msp.iterations > Config().msp.iterations
+    # config.yaml documents the defaults: loading it gives the schema's defaults, less the
+    # sections the demo points elsewhere.
+    assert load_config(REPO / "config.yaml").msp == Config().msp
+    assert load_config(REPO / "config.yaml").scoring == Config().scoring
+    assert load_config(REPO / "config.yaml").fit == Config().fit
+
+
 def test_console_script_runs_without_torch_for_runtime_commands(tmp_path: Path) -> None:
     # check-config is a runtime command: the CLI module must not pull in torch to run it.
     code = (

@@ -7,12 +7,10 @@ import numpy as np
 import pytest
 
 from calibration.evaluate import evaluate
-from export.svdd_fit import fit_svdd
 from pipeline.bundle import BundleError
-from pipeline.config import Config, KnnConfig, RuntimeConfig, SvddConfig, SyntheticConfig
+from pipeline.config import Config, KnnConfig, RuntimeConfig
 from pipeline.images import read_image
 from pipeline.svdd import SvddScorer, patch_mean_map
-from stripinspect.demo import write_synthetic_dataset
 from tests.conftest import loopback_daemon_config
 
 
@@ -29,24 +27,6 @@ def test_each_pixel_gets_the_mean_of_the_patches_covering_it() -> None:
     covered = count > 0
     np.testing.assert_allclose(got[covered], (total / np.maximum(count, 1))[covered], rtol=1e-5)
     assert got.shape == (H, W) and np.isfinite(got).all()
-
-
-@pytest.fixture(scope="module")
-def svdd_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    # Frames of 256 x 256: room for the 3 x 3 grid of 64 px patches the SSL loss samples.
-    root = tmp_path_factory.mktemp("svdd_data")
-    write_synthetic_dataset(
-        Config(synthetic=SyntheticConfig(width=256, frame_lines=256, seed=7, train_frames=8, test_frames=6)), root
-    )
-    return root
-
-
-@pytest.fixture(scope="module")
-def svdd_bundle(tmp_path_factory: pytest.TempPathFactory, svdd_data: Path) -> Path:
-    out = tmp_path_factory.mktemp("svdd") / "bundle"
-    cfg = Config(svdd=SvddConfig(dim=16, iterations=40, batch=8, lr=1e-3, bank_rows=512))
-    fit_svdd(data=svdd_data / "train" / "good", out=out, cfg=cfg, progress=False)
-    return out
 
 
 def test_fit_writes_a_bundle_that_evaluate_scores(svdd_bundle: Path, svdd_data: Path, tmp_path: Path) -> None:
@@ -83,23 +63,71 @@ def test_a_tampered_svdd_bundle_is_one_clear_error(svdd_bundle: Path, tmp_path: 
         SvddScorer.open(b, runtime=RuntimeConfig())
 
 
-def test_the_daemon_refuses_an_svdd_bundle_with_one_line(svdd_bundle: Path) -> None:
+def test_band_maps_equal_the_whole_frame_map_on_the_valid_rows(svdd_bundle: Path) -> None:
+    from pipeline.framescore import EncoderFrameScorer
+    from pipeline.synthetic import SyntheticStrip
+
+    scorer = SvddScorer.open(svdd_bundle, runtime=RuntimeConfig(knn=KnnConfig(index="flat")))
+    fs = EncoderFrameScorer(scorer=scorer, tile=None)
+    frame = SyntheticStrip(width=256, seed=5).render(3000, 768)[0][:, :, None]
+    whole = fs.score(frame).anomaly_map
+    feats = fs.features(frame)
+    for valid in [(192, 576), (0, 384), (400, 768)]:
+        band, first, _ = fs.search_band(feats, valid=valid, lines=768)
+        got = fs.band_map(band, first, out_hw=(768, 256))
+        # faiss computes L2 as |a|^2 + |b|^2 - 2ab, whose rounding depends on the batch: equal
+        # up to float32 cancellation, relative to the frame's largest score.
+        np.testing.assert_allclose(
+            got[valid[0] : valid[1]], whole[valid[0] : valid[1]], rtol=1e-4, atol=1e-3 * float(whole.max())
+        )
+        assert not got[: band.rows[0]].any() and not got[band.rows[1] :].any()
+    with pytest.raises(ValueError, match="tile: null"):
+        EncoderFrameScorer(scorer=scorer, tile=256)
+
+
+def test_the_daemon_serves_an_svdd_bundle(svdd_bundle: Path) -> None:
     import zmq
 
+    from calibration.thresholds import threshold_above_normal
     from pipeline.config import ScoringConfig, SourceConfig
     from pipeline.daemon import Daemon
-    from pipeline.errors import StripinspectError
+    from pipeline.framescore import EncoderFrameScorer
+    from pipeline.listen import collect_run
     from pipeline.sources import SyntheticSource
+    from pipeline.synthetic import SyntheticStrip
 
-    src = SourceConfig(block_lines=128, strip_lines=768)
+    fs = EncoderFrameScorer(scorer=SvddScorer.open(svdd_bundle, runtime=RuntimeConfig()), tile=None)
+    strip = SyntheticStrip(width=256, seed=1)
+    threshold = threshold_above_normal(fs, (strip.render(50_000 + k * 768, 768)[0][:, :, None] for k in range(4)))
+    frames = 8
+    src = SourceConfig(block_lines=128, strip_lines=384 + frames * 384, defects_per_100_frames=200)
     cfg = loopback_daemon_config(
-        bundle=svdd_bundle, threshold=1.0, pub_endpoint="tcp://127.0.0.1:*", control_endpoint="tcp://127.0.0.1:*"
+        bundle=svdd_bundle,
+        threshold=threshold,
+        frame_lines=768,
+        overlap_lines=384,
+        queue_frames=1000,  # the synthetic camera is unpaced: keep every frame
+        pub_endpoint="tcp://127.0.0.1:*",
+        control_endpoint="tcp://127.0.0.1:*",
+        source=src,
     )
-    with pytest.raises(StripinspectError, match="Patch SVDD bundle; the daemon serves PatchCore bundles only"):
-        Daemon(
-            cfg=cfg,
-            runtime=RuntimeConfig(),
-            scoring=ScoringConfig(),
-            source=SyntheticSource(cfg=src, width=256, seed=1, frame_lines=1024),
-            context=zmq.Context(),
-        )
+    ctx = zmq.Context()
+    source = SyntheticSource(cfg=src, width=256, seed=1, frame_lines=768)
+    daemon = Daemon(cfg=cfg, runtime=RuntimeConfig(), scoring=ScoringConfig(), source=source, context=ctx)
+    daemon.start(acquire=False)
+    messages, report = collect_run(
+        endpoint=daemon.publisher.endpoint,
+        topics=("frame", "alert"),
+        start=daemon.start_acquisition,
+        context=ctx,
+        timeout_s=120,
+    )
+    daemon.join()
+    stats = daemon.stats.snapshot()
+    ctx.term()
+    frame_msgs = [h for t, h in messages if t == "frame"]
+    alerts = [h for t, h in messages if t == "alert"]
+    print(f"frames {len(frame_msgs)}, alerts {len(alerts)}, planted {len(source.planted)}, drops {stats['drops']}")
+    assert len(frame_msgs) == frames and not stats["drops"] and not report.gaps
+    assert all(np.isfinite(f["max_score"]) for f in frame_msgs)
+    assert alerts, "planted defects on a strip the encoder never saw should raise alerts"
