@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from export.svdd import PositionClassifier, SvddError, SvddHistory, check_device
+from export.svdd import PlateauStop, PositionClassifier, SvddError, SvddHistory, check_device
 
 STRIDE = 4  # code stride of every scale on the dense maps
 SCALES = (64, 32, 16)
@@ -272,7 +272,7 @@ def train_msp(
     state = MspState()
     hist = SvddHistory()
     t0 = time.perf_counter()
-    best, since_best = math.inf, 0
+    stop = PlateauStop(patience=cfg.patience, classes=ANGLES)
     window: list[float] = []
     bar = tqdm(range(cfg.iterations), desc="train multi-scale patch encoder", disable=not progress, unit="it")
     for it in bar:
@@ -300,15 +300,9 @@ def train_msp(
             window.clear()
             ssl_acc = float(np.mean(hist.ssl_accuracy[-100:]))
             bar.set_postfix(loss=f"{mean:.3f}", ssl_acc=f"{ssl_acc:.2f}")
-            # No early stop while the direction classifier is near chance (1 / 12): flat then
-            # means it has not started to learn.
-            if mean < best * 0.99 or ssl_acc <= 2 / ANGLES:
-                best, since_best = min(best, mean), 0
-            else:
-                since_best += 1
-                if since_best >= cfg.patience:
-                    hist.stopped_early = True
-                    break
+            if stop.update(mean, ssl_acc):
+                hist.stopped_early = True
+                break
     hist.seconds = time.perf_counter() - t0
     return enc.cpu().eval(), hist
 

@@ -142,6 +142,26 @@ class SvddHistory:
     stopped_early: bool = False
 
 
+class PlateauStop:
+    """Early stop when the mean loss of 100 steps has not improved by 1 % for ``patience``
+    evaluations, but never while the position classifier is near chance (at most twice chance):
+    a flat loss then means it has not started to learn, not that it has finished."""
+
+    def __init__(self, *, patience: int, classes: int) -> None:
+        self.patience = patience
+        self.learning_above = 2 / classes
+        self.best = math.inf
+        self.since_best = 0
+
+    def update(self, mean_loss: float, ssl_accuracy: float) -> bool:
+        """One evaluation; True: stop."""
+        if mean_loss < self.best * 0.99 or ssl_accuracy <= self.learning_above:
+            self.best, self.since_best = min(self.best, mean_loss), 0
+            return False
+        self.since_best += 1
+        return self.since_best >= self.patience
+
+
 def check_device(device: str) -> str:
     """``device`` if torch can train on it here; else SvddError with the reason."""
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -228,7 +248,7 @@ def train_svdd(
     opt = torch.optim.Adam(params, lr=cfg.lr)
     hist = SvddHistory()
     t0 = time.perf_counter()
-    best, since_best = math.inf, 0
+    stop = PlateauStop(patience=cfg.patience, classes=len(NEIGHBOURS))
     window: list[float] = []
     bar = tqdm(range(cfg.iterations), desc="train patch svdd", disable=not progress, unit="it")
     for it in bar:
@@ -239,32 +259,27 @@ def train_svdd(
         opt.zero_grad()
         loss.backward()
         opt.step()
-        hist.loss.append(float(loss))
-        hist.svdd.append(float(svdd))
-        hist.ssl.append(float(ssl))
+        hist.loss.append(float(loss.detach()))
+        hist.svdd.append(float(svdd.detach()))
+        hist.ssl.append(float(ssl.detach()))
         hist.ssl_accuracy.append((acc64 + acc32) / 2)
-        window.append(float(loss))
+        window.append(hist.loss[-1])
         if (it + 1) % 100 == 0:
             mean = float(np.mean(window))
             window.clear()
-            bar.set_postfix(loss=f"{mean:.3f}", ssl_acc=f"{np.mean(hist.ssl_accuracy[-100:]):.2f}")
-            learning = float(np.mean(hist.ssl_accuracy[-100:])) > 2 / len(NEIGHBOURS)
-            if mean < best * 0.99 or not learning:
-                # A flat loss while the position classifier is still near chance (1/8) means
-                # it has not started to learn, not that it has finished: no early stop then.
-                best, since_best = min(best, mean), 0
-            else:
-                since_best += 1
-                if since_best >= cfg.patience:
-                    hist.stopped_early = True
-                    break
+            ssl_acc = float(np.mean(hist.ssl_accuracy[-100:]))
+            bar.set_postfix(loss=f"{mean:.3f}", ssl_acc=f"{ssl_acc:.2f}")
+            if stop.update(mean, ssl_acc):
+                hist.stopped_early = True
+                break
     hist.seconds = time.perf_counter() - t0
     return enc64.cpu().eval(), hist
 
 
 def plot_history(hist: SvddHistory, path: Path, size: tuple[int, int] = (640, 360)) -> None:
     """Loss curves (total, SVDD', SSL, and cosine and k-means where trained; smoothed over 50
-    iterations) as a PNG, drawn with OpenCV."""
+    iterations, each scaled to its own maximum, since the terms differ by orders of magnitude)
+    as a PNG, drawn with OpenCV."""
     w, h = size
     img = np.full((h, w, 3), 255, np.uint8)
     curves = [(hist.loss, (0, 0, 0)), (hist.svdd, (200, 80, 0)), (hist.ssl, (0, 0, 200))]
@@ -274,13 +289,15 @@ def plot_history(hist: SvddHistory, path: Path, size: tuple[int, int] = (640, 36
         label += ", cosine (green), k-means (purple)"
     k = 50
     smooth = [np.convolve(c, np.ones(k) / k, mode="valid") if len(c) >= k else np.asarray(c) for c, _ in curves]
-    top = max((float(s.max()) for s in smooth if len(s)), default=1.0) or 1.0
     n = max((len(s) for s in smooth), default=1)
     for s, (_, colour) in zip(smooth, curves, strict=True):
         if len(s) < 2:
             continue
         pts = np.array(
-            [(int(20 + i / max(n - 1, 1) * (w - 40)), int(h - 20 - v / top * (h - 40))) for i, v in enumerate(s)],
+            [
+                (int(20 + i / max(n - 1, 1) * (w - 40)), int(h - 20 - v / (float(s.max()) or 1.0) * (h - 40)))
+                for i, v in enumerate(s)
+            ],
             np.int32,
         )
         cv2.polylines(img, [pts], False, colour, 2)

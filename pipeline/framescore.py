@@ -48,7 +48,8 @@ class FrameScorer:
     def score(self, pixels: np.ndarray) -> ImageScore:
         pixels = self.scorer.check_image(pixels)
         feats = self.features(pixels)
-        return self.scorer.score_features(feats, model_hw=pixels.shape[:2], out_hw=pixels.shape[:2])
+        # Raw scores, as the daemon's band path computes them: strip frames have no fixed rows.
+        return self.scorer.score_features(feats, model_hw=pixels.shape[:2], out_hw=pixels.shape[:2], positional=False)
 
     def search_band(self, feats: np.ndarray, *, valid: tuple[int, int], lines: int) -> tuple[np.ndarray, int, float]:
         """kNN for the patch rows that the map's ``valid`` pixel rows depend on (``band_rows``):

@@ -152,12 +152,17 @@ class PatchCoreScorer:
             exact[todo] = True
         return z
 
-    def score_features(self, feats: np.ndarray, *, model_hw: tuple[int, int], out_hw: tuple[int, int]) -> ImageScore:
-        """Patch features (h, w, D) of an image of ``model_hw`` pixels -> scores at ``out_hw``."""
+    def score_features(
+        self, feats: np.ndarray, *, model_hw: tuple[int, int], out_hw: tuple[int, int], positional: bool = True
+    ) -> ImageScore:
+        """Patch features (h, w, D) of an image of ``model_hw`` pixels -> scores at ``out_hw``.
+        ``positional`` False ignores the per-position statistics (the line-scan daemon's frames
+        have no fixed rows)."""
         height, width = out_hw
         patch, score = self.search_patches(feats)
         map_scores = patch
-        if self.position_stats is not None and self.position_stats[0].shape == patch.shape:
+        stats = self.position_stats if positional else None
+        if stats is not None and stats[0].shape == patch.shape:
             # Robust z-score of each patch against normal images at the same position: a fixed
             # camera view has positions that are rougher than others (edges, glare), and the
             # image score should not be decided by the roughest normal position.

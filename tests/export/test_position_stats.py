@@ -67,6 +67,13 @@ def test_scorer_scores_images_by_their_largest_2x2_mean_position_z_score(
     assert r_map.score == pytest.approx(r_img.score)
     want = anomaly_map(z, stride=8, out_hw=image.shape[:2], sigma=ScoringConfig().sigma)
     np.testing.assert_allclose(r_map.anomaly_map, want, rtol=1e-5, atol=1e-5)  # "map": the map of z-scores
+    # The line-scan path never uses them, even on a frame of the fitted size: strip rows are not
+    # positions (its per-band thresholds are calibrated on raw scores).
+    from pipeline.framescore import FrameScorer
+
+    framed = FrameScorer(scorer=zmap, tile=None, margin=0).score(image)
+    assert framed.score == pytest.approx(r_raw.score)
+    np.testing.assert_allclose(framed.anomaly_map, r_raw.anomaly_map, rtol=1e-5, atol=1e-5)
     # Another size: the statistics do not apply and the raw PatchCore score stands.
     other = np.ascontiguousarray(image[:96])
     assert img.score(other).score == pytest.approx(raw.score(other).score)
