@@ -48,9 +48,10 @@ def test_bsdata_subset_quality_floor(tmp_path: Path, effnet_model_dir: Path) -> 
     assert m["pixel_aupro"] >= FLOOR_PRO
 
 
-# Measured on this subset with the defaults (2026-11-28, border_pad 32): image 0.883, pixel
-# 0.9935, AUPRO 0.819 (before border padding: 0.812, 0.991, 0.785). The floors leave room for
+# Measured on this subset with the defaults (2026-12-01, per-position statistics from 5 folds,
+# map of z-scores): image 0.893, pixel 0.9949, AUPRO 0.849 (2026-11-28, raw scores: 0.883,
+# 0.9935, 0.819; before border padding: 0.812, 0.991, 0.785). The floors leave room for
 # thread-count and BLAS rounding, not for a real regression.
-FLOOR_IMAGE = 0.83
-FLOOR_PIXEL = 0.985
-FLOOR_PRO = 0.78
+FLOOR_IMAGE = 0.85
+FLOOR_PIXEL = 0.988
+FLOOR_PRO = 0.80
