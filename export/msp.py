@@ -12,8 +12,10 @@ Patch SVDD: encoders for 64, 32 and 16 px patches trained on normal images with 
   codes), the relative-direction SSL (which of 12 directions, 30 degrees apart, a second patch
   at distance K lies in), the cosine loss (a nearby patch is more similar in cosine than a far
   one, by a margin) and the k-means loss (codes close to the nearest of k centroids, k = 50,
-  the centroids re-estimated from recent codes). L = sum over scales of L_SSL + lam (L_SVDD' +
-  L_cos + L_km).
+  the centroids re-estimated from recent codes). L = sum over scales of L_SSL + kmeans_weight
+  L_km + lam (L_SVDD' + L_cos). The authors' training script (github.com/Howeng98/MSPBA) uses
+  lam = 1e-3 and k-means at weight 1 (lr 1e-5, on VGG16 features); from scratch here that
+  collapses the codes onto the centroids (README), so both weights default to 1.
 
 Training is dense: each step encodes a few random crops in one fully convolutional pass and
 reads every sampled patch's code (100 per loss per crop) off the code maps, which is the same
@@ -108,10 +110,12 @@ class MspEncoder(nn.Module):
 
 @dataclass(frozen=True)
 class MspTrainConfig:
-    """``lam`` weights the metric losses (SVDD', cosine, k-means) against the SSL loss."""
+    """``lam`` weights SVDD' and the cosine loss, ``kmeans_weight`` the k-means loss, against
+    the SSL loss."""
 
     dim: int = 64
     lam: float = 1.0
+    kmeans_weight: float = 1.0
     iterations: int = 3000
     crops: int = 2  # images (one crop each) per step
     crop: int = 224  # crop side: room for a 64 px patch and its partners 1.5 x 64 px away
@@ -277,8 +281,7 @@ def train_msp(
     bar = tqdm(range(cfg.iterations), desc="train multi-scale patch encoder", disable=not progress, unit="it")
     for it in bar:
         losses, acc = msp_losses(enc, classifiers, sampler.sample(cfg.crops), cfg, state, rng)
-        metric = losses["svdd"] + losses["cos"] + losses["km"]
-        loss = losses["ssl"] + cfg.lam * metric
+        loss = losses["ssl"] + cfg.kmeans_weight * losses["km"] + cfg.lam * (losses["svdd"] + losses["cos"])
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -97,6 +97,7 @@ def fit_msp(*, data: Path, out: Path, cfg: Config, progress: bool = True) -> Svd
     train_cfg = MspTrainConfig(
         dim=m.dim,
         lam=m.lam,
+        kmeans_weight=m.kmeans_weight,
         iterations=m.iterations,
         crops=m.crops,
         crop=m.crop,
@@ -119,7 +120,14 @@ def fit_msp(*, data: Path, out: Path, cfg: Config, progress: bool = True) -> Svd
         window=MSP_WINDOW,
         dim=m.dim,
         bank_rows=m.bank_rows,
-        training={"lam": m.lam, "lr": m.lr, "crops": m.crops, "samples": m.samples, "clusters": m.clusters},
+        training={
+            "lam": m.lam,
+            "kmeans_weight": m.kmeans_weight,
+            "lr": m.lr,
+            "crops": m.crops,
+            "samples": m.samples,
+            "clusters": m.clusters,
+        },
         data=data,
         out=out,
         cfg=cfg,

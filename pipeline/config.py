@@ -459,7 +459,10 @@ class MspConfig(_Section):
 
     dim: int = Field(default=64, ge=2, le=1024, description="Code dimension D.")
     lam: float = Field(
-        default=1.0, ge=0, le=1e4, description="Weight of SVDD', cosine and k-means losses against the SSL loss."
+        default=1.0, ge=0, le=1e4, description="Weight of the SVDD' and cosine losses against the SSL loss."
+    )
+    kmeans_weight: float = Field(
+        default=1.0, ge=0, le=1e4, description="Weight of the k-means loss against the SSL loss."
     )
     iterations: int = Field(default=1500, ge=1, le=10_000_000, description="Training steps at most.")
     crops: int = Field(default=2, ge=1, le=1024, description="Image crops per step (one image each).")
