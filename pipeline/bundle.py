@@ -144,12 +144,17 @@ def read_manifest(bundle_dir: Path) -> Manifest:
     version = data.get("schema_version")
     if version != SCHEMA_VERSION:
         raise BundleError(f"{path}: schema_version {version!r} not supported (this build reads {SCHEMA_VERSION})")
+    if "kind" in data:
+        # Learned-encoder bundles and ensembles carry a kind; PatchCore manifests do not.
+        raise BundleError(f"{bundle_dir}: a {data['kind']!r} bundle; this needs a PatchCore bundle")
     try:
         manifest = Manifest.model_validate(data)
     except ValidationError as err:
         e = err.errors()[0]
-        loc = ".".join(str(p) for p in e["loc"])
-        raise BundleError(f"{path}: {loc} = {e.get('input')!r}: {e['msg']}") from None
+        loc = ".".join(str(p) for p in e["loc"]) or "manifest"
+        shown = repr(e.get("input"))
+        shown = shown if len(shown) <= 80 else shown[:77] + "..."
+        raise BundleError(f"{path}: {loc} = {shown}: {e['msg']}") from None
     for required in (MODEL_FILE, INDEX_FILE):
         if required not in manifest.files:
             raise BundleError(f"{path}: files does not list {required}")

@@ -119,3 +119,9 @@ def test_scorer_finds_a_planted_pit(synthetic_bundle: Path) -> None:
     y, x = np.unravel_index(np.argmax(r_bad.anomaly_map), r_bad.anomaly_map.shape)
     assert abs(y - 60) <= 10 and abs(x - 120) <= 10
     assert r_bad.anomaly_map[mask].mean() > np.percentile(r_bad.anomaly_map[~mask], 99)
+
+
+def test_a_learned_encoder_bundle_is_refused_by_patchcore_tools_in_one_line(svdd_bundle: Path) -> None:
+    # calibrate thresholds and the other PatchCore-only tools read the manifest this way.
+    with pytest.raises(BundleError, match=r"^.*: a 'patch_svdd' bundle; this needs a PatchCore bundle$"):
+        read_manifest(svdd_bundle)
