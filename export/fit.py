@@ -201,7 +201,9 @@ def _position_stats(
 ) -> PositionStats:
     """Median and MAD of every patch position's score over the training images, each scored by
     the runtime's search against a bank of the same size chosen without its fold (cross-fitting:
-    a training image scored against a bank that holds its own patches would score near 0)."""
+    a training image scored against a bank that holds its own patches would score near 0). The
+    images are read and embedded again rather than kept from the first pass: all patch features
+    of a large training set do not fit in memory (3.9 M x 152 floats for BSData)."""
     cc = cfg.fit.coreset
     folds = len(parts)
     grids: list[np.ndarray] = []

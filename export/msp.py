@@ -35,10 +35,17 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from export.svdd import PlateauStop, PositionClassifier, SvddError, SvddHistory, check_device
+from export.svdd import Combine, PlateauStop, PositionClassifier, SvddError, SvddHistory, check_device
 
 STRIDE = 4  # code stride of every scale on the dense maps
 SCALES = (64, 32, 16)
+# (patch side, inference stride, ONNX output, index file) per scale: strides a quarter of the
+# patch side, as Patch SVDD's 16 px for 64 px patches.
+INFERENCE = (
+    (64, 16, "codes64", "index.faiss"),
+    (32, 8, "codes32", "index32.faiss"),
+    (16, 4, "codes16", "index16.faiss"),
+)
 ANGLES = 12  # relative directions of the SSL task, 30 degrees apart
 
 
@@ -61,19 +68,6 @@ class Encoder16(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
-
-
-class Combine(nn.Module):
-    """A 2 x 2 grid of codes -> one code (2 x 2 convolution, dilated on dense maps, then 1 x 1)."""
-
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.combine = nn.Conv2d(dim, 128, 2)
-        self.out = nn.Conv2d(128, dim, 1)
-
-    def forward(self, grid: torch.Tensor, dilation: int) -> torch.Tensor:
-        h = F.conv2d(grid, self.combine.weight, self.combine.bias, dilation=dilation)
-        return torch.tanh(self.out(F.leaky_relu(h, 0.1)))
 
 
 class MspEncoder(nn.Module):
@@ -116,14 +110,14 @@ class MspTrainConfig:
     dim: int = 64
     lam: float = 1.0
     kmeans_weight: float = 1.0
-    iterations: int = 3000
+    iterations: int = 1500
     crops: int = 2  # images (one crop each) per step
     crop: int = 224  # crop side: room for a 64 px patch and its partners 1.5 x 64 px away
     samples: int = 100  # patches, pairs or triplets per crop per loss per scale
     clusters: int = 50  # k of the k-means loss
     kmeans_every: int = 50  # steps between centroid updates
     cos_margin: float = 0.1
-    lr: float = 1e-4
+    lr: float = 1e-3
     patience: int = 5  # evaluations (every 100 steps) without 1 % improvement: stop (once learning)
     seed: int = 0
     device: str = "cpu"  # torch device for training ("cuda" for the GPU preset)
@@ -277,7 +271,6 @@ def train_msp(
     hist = SvddHistory()
     t0 = time.perf_counter()
     stop = PlateauStop(patience=cfg.patience, classes=ANGLES)
-    window: list[float] = []
     bar = tqdm(range(cfg.iterations), desc="train multi-scale patch encoder", disable=not progress, unit="it")
     for it in bar:
         losses, acc = msp_losses(enc, classifiers, sampler.sample(cfg.crops), cfg, state, rng)
@@ -291,21 +284,11 @@ def train_msp(
                 if recent.shape[0] >= cfg.clusters:
                     state.centroids[k] = _kmeans(recent, state.centroids[k], cfg.clusters, gen)
                 state.recent[k] = state.recent[k][-4:]
-        hist.loss.append(float(loss.detach()))
-        hist.svdd.append(float(losses["svdd"].detach()))
-        hist.ssl.append(float(losses["ssl"].detach()))
-        hist.cos.append(float(losses["cos"].detach()))
-        hist.kmeans.append(float(losses["km"].detach()))
-        hist.ssl_accuracy.append(acc)
-        window.append(hist.loss[-1])
-        if (it + 1) % 100 == 0:
-            mean = float(np.mean(window))
-            window.clear()
-            ssl_acc = float(np.mean(hist.ssl_accuracy[-100:]))
-            bar.set_postfix(loss=f"{mean:.3f}", ssl_acc=f"{ssl_acc:.2f}")
-            if stop.update(mean, ssl_acc):
-                hist.stopped_early = True
-                break
+        hist.record(
+            loss=loss, svdd=losses["svdd"], ssl=losses["ssl"], accuracy=acc, cos=losses["cos"], kmeans=losses["km"]
+        )
+        if stop.after_step(hist, bar):
+            break
     hist.seconds = time.perf_counter() - t0
     return enc.cpu().eval(), hist
 
@@ -318,22 +301,11 @@ class DenseMsp(nn.Module):
         super().__init__()
         self.enc = enc
 
-    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
         x = pixels.permute(0, 3, 1, 2).float() / 127.5 - 1.0
         maps = self.enc(x)
-        c64 = maps[64][:, :, ::4, ::4]
-        c32 = maps[32][:, :, ::2, ::2]
-        c16 = maps[16]
-        return (
-            c64.permute(0, 2, 3, 1).contiguous(),
-            c32.permute(0, 2, 3, 1).contiguous(),
-            c16.permute(0, 2, 3, 1).contiguous(),
+        # The dense maps are at stride 4; keep every (stride / 4)-th code of each scale.
+        return tuple(
+            maps[patch][:, :, :: stride // STRIDE, :: stride // STRIDE].permute(0, 2, 3, 1).contiguous()
+            for patch, stride, _, _ in INFERENCE
         )
-
-
-# Inference strides per scale (a quarter of the patch side, as Patch SVDD's 16 px for 64 px).
-INFERENCE = (
-    (64, 16, "codes64", "index.faiss"),
-    (32, 8, "codes32", "index32.faiss"),
-    (16, 4, "codes16", "index16.faiss"),
-)

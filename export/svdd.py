@@ -62,6 +62,20 @@ class Encoder32(nn.Module):
         return self.net(x)
 
 
+class Combine(nn.Module):
+    """A 2 x 2 grid of sub-patch codes -> one code: a 2 x 2 convolution (dilated on a dense code
+    map, so that it reads the codes one sub-patch apart) and a 1 x 1 convolution."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.combine = nn.Conv2d(dim, 128, 2)
+        self.out = nn.Conv2d(128, dim, 1)
+
+    def forward(self, grid: torch.Tensor, dilation: int) -> torch.Tensor:
+        h = F.conv2d(grid, self.combine.weight, self.combine.bias, dilation=dilation)
+        return torch.tanh(self.out(F.leaky_relu(h, 0.1)))
+
+
 class Encoder64(nn.Module):
     """Hierarchical encoder of 64 x 64 patches on the shared ``Encoder32`` (Patch SVDD sec. 3.3).
 
@@ -73,16 +87,11 @@ class Encoder64(nn.Module):
     def __init__(self, enc32: Encoder32, dim: int) -> None:
         super().__init__()
         self.enc32 = enc32
-        self.combine = nn.Conv2d(dim, 128, 2)
-        self.out = nn.Conv2d(128, dim, 1)
-
-    def _head(self, grid: torch.Tensor, dilation: int) -> torch.Tensor:
-        h = F.conv2d(grid, self.combine.weight, self.combine.bias, dilation=dilation)
-        return torch.tanh(self.out(F.leaky_relu(h, 0.1)))
+        self.head = Combine(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Sub-patch codes 32 px apart are 32 / 4 = 8 cells apart on the dense code map.
-        return self._head(self.enc32(x), dilation=32 // STRIDE32)
+        return self.head(self.enc32(x), dilation=32 // STRIDE32)
 
     def encode_patches(self, patches: torch.Tensor) -> torch.Tensor:
         """(N, C, 64, 64) -> (N, D): crop the four 32 px sub-patches, encode each, combine."""
@@ -97,7 +106,7 @@ class Encoder64(nn.Module):
         )
         codes = self.enc32(subs)[:, :, 0, 0]  # (4N, D)
         grid = codes.view(4, n, -1).permute(1, 2, 0).reshape(n, -1, 2, 2)
-        return self._head(grid, dilation=1)[:, :, 0, 0]
+        return self.head(grid, dilation=1)[:, :, 0, 0]
 
 
 class PositionClassifier(nn.Module):
@@ -141,6 +150,25 @@ class SvddHistory:
     seconds: float = 0.0
     stopped_early: bool = False
 
+    def record(
+        self,
+        *,
+        loss: torch.Tensor,
+        svdd: torch.Tensor,
+        ssl: torch.Tensor,
+        accuracy: float,
+        cos: torch.Tensor | None = None,
+        kmeans: torch.Tensor | None = None,
+    ) -> None:
+        """One training step's losses (detached here) and SSL accuracy."""
+        self.loss.append(float(loss.detach()))
+        self.svdd.append(float(svdd.detach()))
+        self.ssl.append(float(ssl.detach()))
+        self.ssl_accuracy.append(accuracy)
+        if cos is not None and kmeans is not None:
+            self.cos.append(float(cos.detach()))
+            self.kmeans.append(float(kmeans.detach()))
+
 
 class PlateauStop:
     """Early stop when the mean loss of 100 steps has not improved by 1 % for ``patience``
@@ -152,6 +180,16 @@ class PlateauStop:
         self.learning_above = 2 / classes
         self.best = math.inf
         self.since_best = 0
+
+    def after_step(self, hist: SvddHistory, bar: tqdm) -> bool:
+        """Every 100 recorded steps: show the means on ``bar`` and evaluate; True: stop (and
+        ``hist.stopped_early`` is set)."""
+        if not hist.loss or len(hist.loss) % 100:
+            return False
+        mean, acc = float(np.mean(hist.loss[-100:])), float(np.mean(hist.ssl_accuracy[-100:]))
+        bar.set_postfix(loss=f"{mean:.3f}", ssl_acc=f"{acc:.2f}")
+        hist.stopped_early = self.update(mean, acc)
+        return hist.stopped_early
 
     def update(self, mean_loss: float, ssl_accuracy: float) -> bool:
         """One evaluation; True: stop."""
@@ -249,9 +287,8 @@ def train_svdd(
     hist = SvddHistory()
     t0 = time.perf_counter()
     stop = PlateauStop(patience=cfg.patience, classes=len(NEIGHBOURS))
-    window: list[float] = []
     bar = tqdm(range(cfg.iterations), desc="train patch svdd", disable=not progress, unit="it")
-    for it in bar:
+    for _ in bar:
         s64, l64, acc64 = _scale_losses(enc64.encode_patches, clf64, sampler, 64, cfg)
         s32, l32, acc32 = _scale_losses(lambda x: enc32(x)[:, :, 0, 0], clf32, sampler, 32, cfg)
         svdd, ssl = s64 + s32, l64 + l32
@@ -259,19 +296,9 @@ def train_svdd(
         opt.zero_grad()
         loss.backward()
         opt.step()
-        hist.loss.append(float(loss.detach()))
-        hist.svdd.append(float(svdd.detach()))
-        hist.ssl.append(float(ssl.detach()))
-        hist.ssl_accuracy.append((acc64 + acc32) / 2)
-        window.append(hist.loss[-1])
-        if (it + 1) % 100 == 0:
-            mean = float(np.mean(window))
-            window.clear()
-            ssl_acc = float(np.mean(hist.ssl_accuracy[-100:]))
-            bar.set_postfix(loss=f"{mean:.3f}", ssl_acc=f"{ssl_acc:.2f}")
-            if stop.update(mean, ssl_acc):
-                hist.stopped_early = True
-                break
+        hist.record(loss=loss, svdd=svdd, ssl=ssl, accuracy=(acc64 + acc32) / 2)
+        if stop.after_step(hist, bar):
+            break
     hist.seconds = time.perf_counter() - t0
     return enc64.cpu().eval(), hist
 
@@ -317,7 +344,7 @@ class DenseSvdd(nn.Module):
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = pixels.permute(0, 3, 1, 2).float() / 127.5 - 1.0
         c32 = self.enc64.enc32(x)
-        c64 = self.enc64._head(c32, dilation=32 // STRIDE32)[:, :, ::4, ::4]  # stride 4 -> 16
+        c64 = self.enc64.head(c32, dilation=32 // STRIDE32)[:, :, ::4, ::4]  # stride 4 -> 16
         return c64.permute(0, 2, 3, 1).contiguous(), c32.permute(0, 2, 3, 1).contiguous()
 
 

@@ -57,17 +57,8 @@ def fit_svdd(*, data: Path, out: Path, cfg: Config, progress: bool = True) -> Sv
     t0 = time.perf_counter()
     images = _read_images(data)
     s = cfg.svdd
-    train_cfg = SvddTrainConfig(
-        dim=s.dim,
-        lam=s.lam,
-        iterations=s.iterations,
-        batch=s.batch,
-        lr=s.lr,
-        patience=s.patience,
-        seed=s.seed,
-        device=s.device,
-    )
-    enc, hist = train_svdd(images, train_cfg, progress=progress)
+    # Every key of the config section but the bank size is a training setting of the same name.
+    enc, hist = train_svdd(images, SvddTrainConfig(**s.model_dump(exclude={"bank_rows"})), progress=progress)
     return _write_bundle(
         images=images,
         net=DenseSvdd(enc, images[0].shape[2]),
@@ -79,7 +70,7 @@ def fit_svdd(*, data: Path, out: Path, cfg: Config, progress: bool = True) -> Sv
         window=1,
         dim=s.dim,
         bank_rows=s.bank_rows,
-        training={"lam": s.lam, "lr": s.lr, "batch": s.batch},
+        training=s.model_dump(exclude={"bank_rows"}),
         data=data,
         out=out,
         cfg=cfg,
@@ -94,21 +85,7 @@ def fit_msp(*, data: Path, out: Path, cfg: Config, progress: bool = True) -> Svd
     t0 = time.perf_counter()
     images = _read_images(data)
     m = cfg.msp
-    train_cfg = MspTrainConfig(
-        dim=m.dim,
-        lam=m.lam,
-        kmeans_weight=m.kmeans_weight,
-        iterations=m.iterations,
-        crops=m.crops,
-        crop=m.crop,
-        samples=m.samples,
-        clusters=m.clusters,
-        lr=m.lr,
-        patience=m.patience,
-        seed=m.seed,
-        device=m.device,
-    )
-    enc, hist = train_msp(images, train_cfg, progress=progress)
+    enc, hist = train_msp(images, MspTrainConfig(**m.model_dump(exclude={"bank_rows"})), progress=progress)
     return _write_bundle(
         images=images,
         net=DenseMsp(enc),
@@ -120,14 +97,7 @@ def fit_msp(*, data: Path, out: Path, cfg: Config, progress: bool = True) -> Svd
         window=MSP_WINDOW,
         dim=m.dim,
         bank_rows=m.bank_rows,
-        training={
-            "lam": m.lam,
-            "kmeans_weight": m.kmeans_weight,
-            "lr": m.lr,
-            "crops": m.crops,
-            "samples": m.samples,
-            "clusters": m.clusters,
-        },
+        training=m.model_dump(exclude={"bank_rows"}),
         data=data,
         out=out,
         cfg=cfg,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -128,6 +128,31 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+ManifestT = TypeVar("ManifestT", bound=BaseModel)
+
+
+def manifest_kind(bundle_dir: Path) -> str | None:
+    """The manifest's ``kind`` (learned-encoder bundles, ensembles); None for a PatchCore
+    manifest, which has none, or for a missing or unreadable one (its reader says why)."""
+    try:
+        data = json.loads((Path(bundle_dir) / MANIFEST_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    kind = data.get("kind") if isinstance(data, dict) else None
+    return kind if isinstance(kind, str) else None
+
+
+def parse_manifest_file(path: Path, model: type[ManifestT]) -> ManifestT:
+    """``path`` validated as ``model``; BundleError of one line naming the key that is wrong."""
+    try:
+        return model.model_validate_json(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as err:
+        raise BundleError(f"{path}: unreadable manifest: {err}") from None
+    except ValidationError as err:
+        e = err.errors()[0]
+        raise BundleError(f"{path}: {'.'.join(str(p) for p in e['loc'])}: {e['msg']}") from None
 
 
 def read_manifest(bundle_dir: Path) -> Manifest:

@@ -8,15 +8,14 @@ refitted member is refused instead of silently mixed with stale statistics.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.bundle import MANIFEST_FILE, BundleError, sha256_file
+from pipeline.bundle import MANIFEST_FILE, BundleError, manifest_kind, parse_manifest_file, sha256_file
 from pipeline.config import RuntimeConfig, ScoringConfig
 from pipeline.patchcore import ImageScore, PatchCoreScorer
 from pipeline.svdd import SvddScorer, is_svdd_bundle
@@ -45,11 +44,7 @@ class EnsembleManifest(BaseModel):
 
 
 def is_ensemble(bundle_dir: Path) -> bool:
-    try:
-        data = json.loads((Path(bundle_dir) / MANIFEST_FILE).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return isinstance(data, dict) and data.get("kind") == ENSEMBLE_KIND
+    return manifest_kind(bundle_dir) == ENSEMBLE_KIND
 
 
 def open_member(bundle: Path, *, runtime: RuntimeConfig, scoring: ScoringConfig) -> PatchCoreScorer | SvddScorer:
@@ -96,13 +91,7 @@ class EnsembleScorer:
     @classmethod
     def open(cls, ensemble_dir: Path, *, runtime: RuntimeConfig, scoring: ScoringConfig) -> EnsembleScorer:
         path = Path(ensemble_dir) / MANIFEST_FILE
-        try:
-            m = EnsembleManifest.model_validate_json(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError) as err:
-            raise BundleError(f"{path}: unreadable manifest: {err}") from None
-        except ValidationError as err:
-            e = err.errors()[0]
-            raise BundleError(f"{path}: {'.'.join(str(p) for p in e['loc'])}: {e['msg']}") from None
+        m = parse_manifest_file(path, EnsembleManifest)
         members = []
         for spec in m.members:
             bundle = member_path(Path(ensemble_dir), spec.bundle)

@@ -10,6 +10,7 @@ at hand for PatchCore's image-score re-weighting (eq. 7) and for measuring recal
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -172,9 +173,13 @@ class FaissIndex:
             self._index = self._exact if self.knn.index == "flat" else build_search_index(self.vectors, self.knn)
             self.backend = f"faiss-cpu {self.knn.index}"
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self, queries: np.ndarray, k: int, *, rank: Callable[[np.ndarray], np.ndarray] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """queries float32 (n, dim) -> distances float32 (n, k), row ids int64 (n, k), by the
-        configured search (approximate for ivf, hnsw and ivfpq)."""
+        configured search (approximate for ivf, hnsw and ivfpq). ``rank`` maps the nearest
+        distances (n,) to the values whose top ``exact_top`` must be exact (default: the
+        distances themselves; per-position z-scores when those decide)."""
         q = self._check(queries, k)
         d2, ids = self._gpu.search(q, k) if self._gpu is not None else self._index.search(q, k)
         missed = np.flatnonzero((ids < 0).any(axis=1))
@@ -182,10 +187,12 @@ class FaissIndex:
             # IVF: the probed cells held fewer than k rows; search those queries exhaustively.
             d2[missed], ids[missed] = self._exact.search(q[missed], k)
         if self.knn.index != "flat" and self._gpu is None and self.knn.exact_top > 0 and len(q) > 1:
-            self._exact_top(q, d2, ids, k)
+            self._exact_top(q, d2, ids, k, rank)
         return np.sqrt(np.maximum(d2, 0.0, out=d2), out=d2), ids
 
-    def _exact_top(self, q: np.ndarray, d2: np.ndarray, ids: np.ndarray, k: int) -> None:
+    def _exact_top(
+        self, q: np.ndarray, d2: np.ndarray, ids: np.ndarray, k: int, rank: Callable[[np.ndarray], np.ndarray] | None
+    ) -> None:
         # An approximate neighbour is a real bank row, so its distance can only over-estimate a
         # patch score. The highest scores decide defects and the image score: search them again
         # exhaustively until the top fraction holds exact scores only (HNSW can miss badly on
@@ -194,7 +201,8 @@ class FaissIndex:
         n_top = max(1, int(np.ceil(self.knn.exact_top * n)))
         exact = np.zeros(n, dtype=bool)
         for _ in range(16):
-            top = np.argpartition(d2[:, 0], n - n_top)[n - n_top :]
+            key = d2[:, 0] if rank is None else rank(np.sqrt(np.maximum(d2[:, 0], 0.0)))
+            top = np.argpartition(key, n - n_top)[n - n_top :]
             todo = top[~exact[top]]
             if todo.size == 0:
                 return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,14 +110,17 @@ class PatchCoreScorer:
         feats = self.embedder.embed(pixels[None])[0]
         return self.score_features(feats, model_hw=pixels.shape[:2], out_hw=(height, width))
 
-    def search_patches(self, feats: np.ndarray) -> tuple[np.ndarray, float]:
-        """Patch features (h, w, D) -> patch scores float32 (h, w) and the image score (eq. 7)."""
+    def search_patches(
+        self, feats: np.ndarray, *, rank: Callable[[np.ndarray], np.ndarray] | None = None
+    ) -> tuple[np.ndarray, float]:
+        """Patch features (h, w, D) -> patch scores float32 (h, w) and the image score (eq. 7).
+        ``rank``: which scores the approximate search must make exact (``FaissIndex.search``)."""
         gh, gw, dim = feats.shape
         flat = feats.reshape(-1, dim)
         if not np.isfinite(flat).all():
             # A broken model or input; faiss would abort the process on NaN distances.
             raise ValueError("patch features are not finite")
-        dist, ids = self.index.search(flat, 1)
+        dist, ids = self.index.search(flat, 1, rank=rank)
         patch = dist[:, 0].reshape(gh, gw)
         worst = int(np.argmax(dist[:, 0]))
         s_star = float(dist[worst, 0])
@@ -126,32 +130,6 @@ class PatchCoreScorer:
         neighbour_d = np.linalg.norm(self.index.vectors[nb[0]] - flat[worst], axis=1)
         return patch, reweighted_image_score(s_star, neighbour_d)
 
-    def _position_z(self, feats: np.ndarray, patch: np.ndarray) -> np.ndarray:
-        """Robust z-scores (patch - median) / MAD per position, (h, w) float32; ``patch`` is
-        updated in place where a score was searched again exactly. The approximate search makes
-        the top raw scores exact; the top z-scores (which decide the image score here) need not
-        be among them, so they are made exact the same way."""
-        assert self.position_stats is not None
-        median, mad = self.position_stats
-        z = (patch - median) / mad
-        if self.index.knn.index == "flat" or self.index.knn.exact_top <= 0:
-            return z
-        flat = feats.reshape(-1, feats.shape[2])
-        zf, pf = z.reshape(-1), patch.reshape(-1)
-        n = zf.size
-        n_top = max(1, int(np.ceil(self.index.knn.exact_top * n)))
-        exact = np.zeros(n, dtype=bool)
-        for _ in range(16):
-            top = np.argpartition(zf, n - n_top)[n - n_top :]
-            todo = top[~exact[top]]
-            if todo.size == 0:
-                break
-            d, _ = self.index.search_exact(flat[todo], 1)
-            pf[todo] = d[:, 0]
-            zf[todo] = (d[:, 0] - median.reshape(-1)[todo]) / mad.reshape(-1)[todo]
-            exact[todo] = True
-        return z
-
     def score_features(
         self, feats: np.ndarray, *, model_hw: tuple[int, int], out_hw: tuple[int, int], positional: bool = True
     ) -> ImageScore:
@@ -159,20 +137,24 @@ class PatchCoreScorer:
         ``positional`` False ignores the per-position statistics (the line-scan daemon's frames
         have no fixed rows)."""
         height, width = out_hw
-        patch, score = self.search_patches(feats)
-        map_scores = patch
         stats = self.position_stats if positional else None
-        if stats is not None and stats[0].shape == patch.shape:
+        if stats is None or stats[0].shape != feats.shape[:2]:
+            patch, score = self.search_patches(feats)
+            map_scores = patch
+        else:
             # Robust z-score of each patch against normal images at the same position: a fixed
             # camera view has positions that are rougher than others (edges, glare), and the
-            # image score should not be decided by the roughest normal position.
-            z = self._position_z(feats, patch)
+            # image score should not be decided by the roughest normal position. The top
+            # z-scores decide here, so they are the ones the approximate search makes exact.
+            median, mad = stats
+            m, d = median.reshape(-1), mad.reshape(-1)
+            patch, _ = self.search_patches(feats, rank=lambda dist: (dist - m) / d)
+            z = (patch - median) / mad
             # The largest mean over 2 x 2 patches rather than one patch: the 3 x 3 local
             # aggregation spreads any real anomaly over several neighbouring patches, while a
             # lone high z-score is mostly the noise of the per-position statistics.
             score = max_window_mean(z, POSITION_WINDOW)
-            if self.scoring.position_normalise == "map":
-                map_scores = z
+            map_scores = z if self.scoring.position_normalise == "map" else patch
         amap_scaled = anomaly_map(
             map_scores, stride=self.stride, out_hw=model_hw, sigma=self.scoring.sigma * self.scale
         )

@@ -11,15 +11,14 @@ SVDD) or the maximum of its 8 x 8-window means (multi-scale).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import onnxruntime as ort
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.bundle import MANIFEST_FILE, BandThresholds, BundleError, sha256_file
+from pipeline.bundle import MANIFEST_FILE, BandThresholds, BundleError, manifest_kind, parse_manifest_file, sha256_file
 from pipeline.config import RuntimeConfig
 from pipeline.knn import FaissIndex, KnnError
 from pipeline.patchcore import ImageScore
@@ -59,22 +58,11 @@ class SvddManifest(BaseModel):
 
 
 def is_svdd_bundle(bundle_dir: Path) -> bool:
-    try:
-        data = json.loads((Path(bundle_dir) / MANIFEST_FILE).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return isinstance(data, dict) and data.get("kind") in ENCODER_KINDS
+    return manifest_kind(bundle_dir) in ENCODER_KINDS
 
 
 def read_svdd_manifest(bundle_dir: Path) -> SvddManifest:
-    path = Path(bundle_dir) / MANIFEST_FILE
-    try:
-        m = SvddManifest.model_validate_json(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as err:
-        raise BundleError(f"{path}: unreadable manifest: {err}") from None
-    except ValidationError as err:
-        e = err.errors()[0]
-        raise BundleError(f"{path}: {'.'.join(str(p) for p in e['loc'])}: {e['msg']}") from None
+    m = parse_manifest_file(Path(bundle_dir) / MANIFEST_FILE, SvddManifest)
     for name, digest in m.files.items():
         if Path(name).name != name or not (Path(bundle_dir) / name).is_file():
             raise BundleError(f"{bundle_dir}: {name} is missing")

@@ -124,6 +124,24 @@ def test_the_highest_approximate_scores_are_searched_again_exactly(bank_file: tu
     assert (d0[:, 0] > exact[:, 0] * 1.001).sum() > (d[:, 0] > exact[:, 0] * 1.001).sum()
 
 
+def test_a_rank_chooses_which_scores_are_searched_again_exactly(bank_file: tuple[Path, np.ndarray]) -> None:
+    # Per-position z-scores: a query whose position is quiet (small MAD) can rank first with a
+    # modest distance; those are the scores that must be exact then, not the largest distances.
+    path, bank = bank_file
+    q = _clustered(2000, 32, seed=6)
+    knn = KnnConfig(index="hnsw", hnsw_m=8, ef_search=8, exact_top=0.02)
+    index = FaissIndex(path=path, dim=32, rows=bank.shape[0], threads=1, knn=knn)
+    exact, _ = index.search_exact(q, 1)
+    scale = np.random.default_rng(8).uniform(0.05, 1.0, len(q)).astype(np.float32)
+    d, _ = index.search(q, 1, rank=lambda dist: dist / scale)
+    top = np.argsort(d[:, 0] / scale)[-40:]
+    np.testing.assert_allclose(d[top, 0], exact[top, 0], rtol=1e-5)
+    plain, _ = index.search(q, 1)
+    top_plain = np.argsort(plain[:, 0] / scale)[-40:]
+    print(f"top by rank not exact without it: {int((plain[top_plain, 0] > exact[top_plain, 0] * 1.001).sum())} of 40")
+    assert (plain[top_plain, 0] > exact[top_plain, 0] * 1.001).any()
+
+
 def test_a_bank_with_values_faiss_cannot_square_is_refused_before_faiss_sees_it() -> None:
     # Found by the bundle fuzzer: a forged index with 1e36 in it made faiss' k-means abort the
     # whole process ("terminate called recursively") instead of raising.
