@@ -221,14 +221,16 @@ class PatchSampler:
         if small:
             raise SvddError(f"images must be at least 224 px on each side for 64 px patches, got {small[0]}")
         self.device = torch.device(device)
-        self.images = [
-            torch.from_numpy(np.ascontiguousarray(im)).to(self.device).permute(2, 0, 1).float().div(127.5).sub(1.0)
-            for im in images
-        ]
+        # Kept as uint8 (a quarter of float32's memory); only the sampled patches are scaled.
+        self.images = [torch.from_numpy(np.ascontiguousarray(im)).to(self.device).permute(2, 0, 1) for im in images]
         self.rng = np.random.default_rng(seed)
 
     def _crop(self, img: torch.Tensor, y: int, x: int, k: int) -> torch.Tensor:
         return img[:, y : y + k, x : x + k]
+
+    @staticmethod
+    def _scaled(patches: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(patches).float().div(127.5).sub(1.0)
 
     def svdd_pairs(self, n: int, k: int, jitter: int) -> tuple[torch.Tensor, torch.Tensor]:
         a, b = [], []
@@ -240,7 +242,7 @@ class PatchSampler:
             dy, dx = (int(v) for v in self.rng.integers(-jitter, jitter + 1, 2))
             a.append(self._crop(img, y, x, k))
             b.append(self._crop(img, y + dy, x + dx, k))
-        return torch.stack(a), torch.stack(b)
+        return self._scaled(a), self._scaled(b)
 
     def ssl_pairs(self, n: int, k: int, jitter: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         a, b, labels = [], [], []
@@ -256,7 +258,7 @@ class PatchSampler:
             a.append(self._crop(img, y, x, k))
             b.append(self._crop(img, y + ry * k + dy, x + rx * k + dx, k))
             labels.append(label)
-        return torch.stack(a), torch.stack(b), torch.tensor(labels, device=self.device)
+        return self._scaled(a), self._scaled(b), torch.tensor(labels, device=self.device)
 
 
 def _scale_losses(
