@@ -121,6 +121,7 @@ class MspTrainConfig:
     patience: int = 5  # evaluations (every 100 steps) without 1 % improvement: stop (once learning)
     seed: int = 0
     device: str = "cpu"  # torch device for training ("cuda" for the GPU preset)
+    max_minutes: float | None = None  # wall-clock budget of the training loop; None: none
 
 
 def _offsets_cells(kind: str, k: int, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray | None]:
@@ -270,7 +271,7 @@ def train_msp(
     state = MspState()
     hist = SvddHistory()
     t0 = time.perf_counter()
-    stop = PlateauStop(patience=cfg.patience, classes=ANGLES)
+    stop = PlateauStop(patience=cfg.patience, classes=ANGLES, max_minutes=cfg.max_minutes)
     bar = tqdm(range(cfg.iterations), desc="train multi-scale patch encoder", disable=not progress, unit="it")
     for it in bar:
         losses, acc = msp_losses(enc, classifiers, sampler.sample(cfg.crops), cfg, state, rng)

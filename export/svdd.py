@@ -137,6 +137,7 @@ class SvddTrainConfig:
     patience: int = 5  # evaluations (every 100 iterations) without 1 % improvement: stop (once learning)
     seed: int = 0
     device: str = "cpu"  # torch device for training ("cuda" for the GPU preset)
+    max_minutes: float | None = None  # wall-clock budget of the training loop; None: none
 
 
 @dataclass
@@ -149,6 +150,7 @@ class SvddHistory:
     kmeans: list[float] = field(default_factory=list)  # multi-scale method only
     seconds: float = 0.0
     stopped_early: bool = False
+    stop_reason: str = "iterations"  # "iterations" (all done), "plateau" or "time" (max_minutes)
 
     def record(
         self,
@@ -173,22 +175,28 @@ class SvddHistory:
 class PlateauStop:
     """Early stop when the mean loss of 100 steps has not improved by 1 % for ``patience``
     evaluations, but never while the position classifier is near chance (at most twice chance):
-    a flat loss then means it has not started to learn, not that it has finished."""
+    a flat loss then means it has not started to learn, not that it has finished. Also stops
+    once ``max_minutes`` of wall clock have passed since it was made (None: no budget)."""
 
-    def __init__(self, *, patience: int, classes: int) -> None:
+    def __init__(self, *, patience: int, classes: int, max_minutes: float | None = None) -> None:
         self.patience = patience
         self.learning_above = 2 / classes
         self.best = math.inf
         self.since_best = 0
+        self.deadline = None if max_minutes is None else time.perf_counter() + 60 * max_minutes
 
     def after_step(self, hist: SvddHistory, bar: tqdm) -> bool:
-        """Every 100 recorded steps: show the means on ``bar`` and evaluate; True: stop (and
-        ``hist.stopped_early`` is set)."""
+        """After every step: the time budget; every 100 recorded steps: show the means on ``bar``
+        and evaluate the plateau. True: stop (``hist.stopped_early`` and ``stop_reason`` set)."""
+        if self.deadline is not None and time.perf_counter() >= self.deadline:
+            hist.stopped_early, hist.stop_reason = True, "time"
+            return True
         if not hist.loss or len(hist.loss) % 100:
             return False
         mean, acc = float(np.mean(hist.loss[-100:])), float(np.mean(hist.ssl_accuracy[-100:]))
         bar.set_postfix(loss=f"{mean:.3f}", ssl_acc=f"{acc:.2f}")
-        hist.stopped_early = self.update(mean, acc)
+        if self.update(mean, acc):
+            hist.stopped_early, hist.stop_reason = True, "plateau"
         return hist.stopped_early
 
     def update(self, mean_loss: float, ssl_accuracy: float) -> bool:
@@ -288,7 +296,7 @@ def train_svdd(
     opt = torch.optim.Adam(params, lr=cfg.lr)
     hist = SvddHistory()
     t0 = time.perf_counter()
-    stop = PlateauStop(patience=cfg.patience, classes=len(NEIGHBOURS))
+    stop = PlateauStop(patience=cfg.patience, classes=len(NEIGHBOURS), max_minutes=cfg.max_minutes)
     bar = tqdm(range(cfg.iterations), desc="train patch svdd", disable=not progress, unit="it")
     for _ in bar:
         s64, l64, acc64 = _scale_losses(enc64.encode_patches, clf64, sampler, 64, cfg)

@@ -1,35 +1,25 @@
 """`stripinspect fit --backend svdd | msp`: train a patch encoder on normal images (Patch SVDD, or
-the multi-scale method of Tsai et al.) and write its bundle: the dense ONNX encoder and one
-coreset memory bank per scale, embedded through the runtime's own session code."""
+the multi-scale method of Tsai et al.), or take one trained before (``--encoder FILE.pt`` from
+`stripinspect train`), and write its bundle: the dense ONNX encoder and one coreset memory bank
+per scale, embedded through the runtime's own session code."""
 
 from __future__ import annotations
 
 import datetime as dt
-import json
 import math
 import time
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from torch import nn
 from tqdm import tqdm
 
 from export.coreset import StreamingCoreset
 from export.msp import INFERENCE as MSP_SCALES
-from export.msp import DenseMsp, MspTrainConfig, train_msp
-from export.svdd import (
-    DenseSvdd,
-    SvddError,
-    SvddHistory,
-    SvddTrainConfig,
-    export_dense_encoder,
-    plot_history,
-    train_svdd,
-)
+from export.svdd import SvddError, export_dense_encoder
+from export.trained import Backend, TrainedEncoder, load_encoder, read_training_images, train_encoder, write_curves
 from pipeline.bundle import MANIFEST_FILE, sha256_file
 from pipeline.config import Config
-from pipeline.images import ImageReadError, list_images, read_image
 from pipeline.knn import build_index, write_index
 from pipeline.svdd import MSP_KIND, SVDD_KIND, ScaleSpec, SvddManifest, dense_codes
 
@@ -39,102 +29,58 @@ SVDD_SCALES = ((64, 16, "codes64", "index.faiss"), (32, 4, "codes32", "index32.f
 MSP_WINDOW = 8
 
 
-def _read_images(data: Path) -> list[np.ndarray]:
-    files = list_images(data)
-    if not files:
-        raise SvddError(f"{data}: no images (.png, .jpg, .bmp, .tif)")
-    try:
-        images = [read_image(f) for f in files]
-    except ImageReadError as err:
-        raise SvddError(str(err)) from None
-    if any(im.shape[2] != images[0].shape[2] for im in images):
-        raise SvddError(f"{data}: images with different channel counts")
-    return images
-
-
-def fit_svdd(*, data: Path, out: Path, cfg: Config, progress: bool = True) -> SvddManifest:
+def fit_svdd(*, data: Path, out: Path, cfg: Config, encoder: Path | None = None, progress: bool = True) -> SvddManifest:
     """Patch SVDD (Yi & Yoon 2020): 64 and 32 px scales, maps multiplied, image score = map max."""
-    t0 = time.perf_counter()
-    images = _read_images(data)
-    s = cfg.svdd
-    # Every key of the config section but the bank size is a training setting of the same name.
-    enc, hist = train_svdd(images, SvddTrainConfig(**s.model_dump(exclude={"bank_rows"})), progress=progress)
-    return _write_bundle(
-        images=images,
-        net=DenseSvdd(enc, images[0].shape[2]),
-        hist=hist,
-        kind=SVDD_KIND,
-        scales=SVDD_SCALES,
-        combine="product",
-        image_score="max",
-        window=1,
-        dim=s.dim,
-        bank_rows=s.bank_rows,
-        training=s.model_dump(exclude={"bank_rows"}),
-        data=data,
-        out=out,
-        cfg=cfg,
-        t0=t0,
-        progress=progress,
-    )
+    return _fit("svdd", data=data, out=out, cfg=cfg, encoder=encoder, progress=progress)
 
 
-def fit_msp(*, data: Path, out: Path, cfg: Config, progress: bool = True) -> SvddManifest:
+def fit_msp(*, data: Path, out: Path, cfg: Config, encoder: Path | None = None, progress: bool = True) -> SvddManifest:
     """Multi-scale patch encoders (Tsai et al. 2022): 64, 32 and 16 px, maps summed, image score =
     max of 8 x 8-window means."""
+    return _fit("msp", data=data, out=out, cfg=cfg, encoder=encoder, progress=progress)
+
+
+def _fit(backend: Backend, *, data: Path, out: Path, cfg: Config, encoder: Path | None, progress: bool) -> SvddManifest:
     t0 = time.perf_counter()
-    images = _read_images(data)
-    m = cfg.msp
-    enc, hist = train_msp(images, MspTrainConfig(**m.model_dump(exclude={"bank_rows"})), progress=progress)
+    images = read_training_images(data)
+    bank_rows = (cfg.svdd if backend == "svdd" else cfg.msp).bank_rows
+    if encoder is None:
+        te = train_encoder(backend, images, data, cfg, progress=progress)
+        source: dict[str, str | int] = {}
+    else:
+        te = load_encoder(encoder, backend)
+        if te.channels != images[0].shape[2]:
+            raise SvddError(f"{encoder}: encoder of {te.channels}-channel images, {data} holds {images[0].shape[2]}")
+        source = {"encoder_file": str(encoder), "encoder_sha256": sha256_file(encoder), "trained_images": te.images}
     return _write_bundle(
-        images=images,
-        net=DenseMsp(enc),
-        hist=hist,
-        kind=MSP_KIND,
-        scales=MSP_SCALES,
-        combine="sum",
-        image_score="window_mean",
-        window=MSP_WINDOW,
-        dim=m.dim,
-        bank_rows=m.bank_rows,
-        training=m.model_dump(exclude={"bank_rows"}),
-        data=data,
-        out=out,
-        cfg=cfg,
-        t0=t0,
-        progress=progress,
+        te, images=images, bank_rows=bank_rows, source=source, data=data, out=out, cfg=cfg, t0=t0, progress=progress
     )
 
 
 def _write_bundle(
+    te: TrainedEncoder,
     *,
     images: list[np.ndarray],
-    net: nn.Module,
-    hist: SvddHistory,
-    kind: Literal["patch_svdd", "multiscale_patch"],
-    scales: tuple[tuple[int, int, str, str], ...],
-    combine: str,
-    image_score: str,
-    window: int,
-    dim: int,
     bank_rows: int,
-    training: dict[str, float | int | str | bool],
+    source: dict[str, str | int],
     data: Path,
     out: Path,
     cfg: Config,
     t0: float,
     progress: bool,
 ) -> SvddManifest:
+    hist, dim = te.hist, te.dim
+    kind: Literal["patch_svdd", "multiscale_patch"]
+    scales: tuple[tuple[int, int, str, str], ...]
+    if te.backend == "svdd":
+        kind, scales, combine, image_score, window = SVDD_KIND, SVDD_SCALES, "product", "max", 1
+    else:
+        kind, scales, combine, image_score, window = MSP_KIND, MSP_SCALES, "sum", "window_mean", MSP_WINDOW
     if not math.isfinite(hist.loss[-1]):
         raise SvddError("training diverged (loss is not finite)")
-    channels = images[0].shape[2]
-    out.mkdir(parents=True, exist_ok=True)
-    plot_history(hist, out / "loss.png")
-    curves = {"loss": hist.loss, "svdd": hist.svdd, "ssl": hist.ssl, "ssl_accuracy": hist.ssl_accuracy}
-    if hist.cos:
-        curves |= {"cos": hist.cos, "kmeans": hist.kmeans}
-    (out / "training.json").write_text(json.dumps(curves))
-    verified = export_dense_encoder(net.cpu(), channels, out / "model.onnx", outputs=tuple(o for *_, o, _ in scales))
+    channels = images[0].shape[2]  # = te.channels (checked)
+    write_curves(hist, out)
+    verified = export_dense_encoder(te.dense(), channels, out / "model.onnx", outputs=tuple(o for *_, o, _ in scales))
     # The banks are embedded through the runtime's own code (pipeline.svdd.dense_codes): what
     # was fitted is what runs.
     counts = [
@@ -179,14 +125,16 @@ def _write_bundle(
         window=window,
         training={
             "images": len(images),
-            "iterations": len(hist.loss),
+            "steps": len(hist.loss),  # steps done; "iterations" (below) is the setting, an upper bound
             "stopped_early": hist.stopped_early,
+            "stop_reason": hist.stop_reason,
             "train_seconds": round(hist.seconds, 1),
             "fit_seconds": round(time.perf_counter() - t0, 1),
             "final_ssl_accuracy": round(float(np.mean(hist.ssl_accuracy[-100:])), 4),
             "verified_relative_error": verified,
             "fitted_on": str(data),
-            **training,
+            **source,
+            **te.training,
         },
         files={n: sha256_file(out / n) for n in ("model.onnx", *(f for *_, f in scales))},
     )

@@ -450,6 +450,9 @@ class SvddConfig(_Section):
     device: str = Field(
         default="cpu", pattern=r"^(cpu|cuda(:\d+)?)$", description="torch device for training: cpu, cuda or cuda:N."
     )
+    max_minutes: float | None = Field(
+        default=None, gt=0, le=100_000, description="Wall-clock budget of the training loop (null: none)."
+    )
 
 
 class MspConfig(_Section):
@@ -477,6 +480,9 @@ class MspConfig(_Section):
     bank_rows: int = Field(default=16_384, ge=1, le=10_000_000, description="Coreset rows per scale.")
     device: str = Field(
         default="cpu", pattern=r"^(cpu|cuda(:\d+)?)$", description="torch device for training: cpu, cuda or cuda:N."
+    )
+    max_minutes: float | None = Field(
+        default=None, gt=0, le=100_000, description="Wall-clock budget of the training loop (null: none)."
     )
 
 

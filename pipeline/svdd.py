@@ -51,7 +51,7 @@ class SvddManifest(BaseModel):
         default="max", description="Map maximum (Patch SVDD) or maximum of window means (multi-scale method)."
     )
     window: int = Field(default=1, ge=1, le=256, description="Window side in pixels for window_mean.")
-    training: dict[str, float | int | str | bool]
+    training: dict[str, float | int | str | bool | None]
     thresholds: dict[str, float] | None = None
     band_thresholds: BandThresholds | None = None
     files: dict[str, str]

@@ -56,19 +56,39 @@ def cmd_fit(args: argparse.Namespace) -> int:
         from export.svdd_fit import fit_msp, fit_svdd
 
         fit = fit_svdd if args.backend == "svdd" else fit_msp
-        sm = fit(data=args.data, out=args.out, cfg=cfg, progress=not args.quiet)
+        sm = fit(data=args.data, out=args.out, cfg=cfg, encoder=args.encoder, progress=not args.quiet)
         t = sm.training
         name = "Patch SVDD" if args.backend == "svdd" else "multi-scale patch encoders"
+        how = "trained" if args.encoder is None else f"from {args.encoder}, trained"
         print(
-            f"bundle {args.out}: {name} trained {t['iterations']} iterations in {t['train_seconds']} s "
+            f"bundle {args.out}: {name} {how} {t['steps']} steps in {t['train_seconds']} s "
             f"(SSL accuracy {t['final_ssl_accuracy']}), banks {[s.rows for s in sm.scales]} rows, "
             f"{t['fit_seconds']} s in all; loss curves in {args.out / 'loss.png'}"
         )
         return 0
+    if args.encoder is not None:
+        raise StripinspectError("--encoder is for --backend svdd or msp (PatchCore takes --model)")
     m = fit_bundle(data=args.data, out=args.out, cfg=cfg, model_dir=args.model, progress=not args.quiet)
     print(
         f"bundle {args.out}: {m.fitted_on.images} images, {m.coreset.patches_seen} patches -> "
         f"{m.index.rows} bank rows ({m.features.embedding_dim} dims) in {m.fitted_on.fit_seconds:.1f} s"
+    )
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from export.trained import read_training_images, save_encoder, train_encoder
+
+    cfg = _config(args.config)
+    images = read_training_images(args.data)
+    te = train_encoder(args.backend, images, args.data, cfg, progress=not args.quiet)
+    save_encoder(te, args.out)
+    h = te.hist
+    acc = float(np.mean(h.ssl_accuracy[-100:]))
+    print(
+        f"encoder {args.out}: {args.backend} trained on {te.images} images, {len(h.loss)} iterations in "
+        f"{h.seconds:.1f} s on {te.training['device']} (stop: {h.stop_reason}), SSL accuracy {acc:.3f}; "
+        f"`stripinspect fit --backend {args.backend} --encoder {args.out}` fits its banks"
     )
     return 0
 
@@ -388,7 +408,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="patchcore: ImageNet CNN + coreset bank; svdd: train a Patch SVDD encoder on the data (config svdd:); "
         "msp: train multi-scale patch encoders, Tsai et al. 2022 (config msp:)",
     )
+    f.add_argument(
+        "--encoder",
+        type=Path,
+        default=None,
+        help="svdd/msp: an encoder file from `stripinspect train` (default: train now)",
+    )
     f.set_defaults(func=cmd_fit)
+
+    tr = sub.add_parser(
+        "train", help="train a patch encoder (svdd or msp) into a file, e.g. on a GPU machine; fit --encoder uses it"
+    )
+    with_config(tr)
+    tr.add_argument("--backend", choices=["svdd", "msp"], required=True, help="config svdd: or msp: settings")
+    tr.add_argument("--data", type=Path, required=True, help="folder of defect-free images")
+    tr.add_argument("--out", type=Path, required=True, help="encoder file to write (.pt); curves beside it")
+    tr.set_defaults(func=cmd_train)
 
     n = sub.add_parser(
         "ensemble", help="combine bundles: each map normalised by its normal-score statistics, then averaged"

@@ -40,7 +40,7 @@ def test_fit_writes_a_bundle_with_three_summed_scales(msp_bundle: Path, svdd_dat
     assert [(s["patch"], s["stride"]) for s in m["scales"]] == [(64, 16), (32, 8), (16, 4)] and m["window"] == 8
     assert m["training"]["verified_relative_error"] <= 1e-4 and (msp_bundle / "loss.png").is_file()
     curves = json.loads((msp_bundle / "training.json").read_text())
-    assert len(curves["cos"]) == len(curves["kmeans"]) == m["training"]["iterations"] == 6
+    assert len(curves["cos"]) == len(curves["kmeans"]) == m["training"]["steps"] == m["training"]["iterations"] == 6
     scorer = SvddScorer.open(msp_bundle, runtime=RuntimeConfig(knn=KnnConfig(index="flat")))
     image = read_image(list_images(svdd_data / "test" / "defect")[0], 1)
     result = scorer.score(image)
