@@ -17,15 +17,16 @@ from calibration.bands import band_edges, calibrate_bands, plot_curves
 from calibration.evaluate import TestImage
 from pipeline.bundle import BandThresholds, read_manifest, write_manifest
 from pipeline.flatfield import FlatField
-from pipeline.framescore import FrameScorer
+from pipeline.framescore import AnyFrameScorer
 from pipeline.images import read_image, read_mask
 from pipeline.linescan import LineAssembler
 from pipeline.messages import LineBlock
 from pipeline.patchcore import PatchCoreScorer
+from pipeline.svdd import SvddScorer, is_svdd_bundle, read_svdd_manifest
 from pipeline.synthetic import SyntheticStrip
 
 
-def threshold_above_normal(scorer: FrameScorer, frames: Iterable[np.ndarray], *, factor: float = 1.1) -> float:
+def threshold_above_normal(scorer: AnyFrameScorer, frames: Iterable[np.ndarray], *, factor: float = 1.1) -> float:
     """``factor`` times the highest pixel score seen on normal frames (lines, width, C)."""
     if factor < 1.0:
         raise ValueError(f"factor must be >= 1, got {factor}")
@@ -36,7 +37,7 @@ def threshold_above_normal(scorer: FrameScorer, frames: Iterable[np.ndarray], *,
 
 
 def normal_maps_from_strip(
-    scorer: FrameScorer,
+    scorer: AnyFrameScorer,
     frames: Iterable[tuple[np.ndarray, int, int]],
     *,
     flatfield: FlatField | None = None,
@@ -103,7 +104,8 @@ def calibrate_thresholds(
         metres=metres,
         created_utc=dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
     )
-    manifest = read_manifest(bundle)
+    # PatchCore and learned-encoder bundles keep their thresholds in the same manifest key.
+    manifest = read_svdd_manifest(bundle) if is_svdd_bundle(bundle) else read_manifest(bundle)
     write_manifest(bundle, manifest.model_copy(update={"band_thresholds": result}))
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "thresholds.json").write_text(
@@ -116,7 +118,7 @@ def calibrate_thresholds(
 
 
 def labelled_report(
-    scorer: PatchCoreScorer, items: list[TestImage], *, columns: np.ndarray, min_area_px: int
+    scorer: PatchCoreScorer | SvddScorer, items: list[TestImage], *, columns: np.ndarray, min_area_px: int
 ) -> dict[str, float | int]:
     """Where labelled images exist: the per-image false-positive rate on normal ones and the
     detection rate (an alarm touching the ground truth) on defective ones at the calibrated

@@ -195,7 +195,8 @@ def read_manifest(bundle_dir: Path) -> Manifest:
     return manifest
 
 
-def write_manifest(bundle_dir: Path, manifest: Manifest) -> None:
+def write_manifest(bundle_dir: Path, manifest: BaseModel) -> None:
+    """Replace the bundle's manifest atomically (any bundle kind's manifest model)."""
     text = json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n"
     tmp = Path(bundle_dir) / (MANIFEST_FILE + ".tmp")
     tmp.write_text(text, encoding="utf-8")

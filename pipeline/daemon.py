@@ -27,17 +27,15 @@ from pipeline.defects import extract_defects, per_column
 from pipeline.edges import EdgeTracker, detect_edges, mask_outside
 from pipeline.errors import StripinspectError
 from pipeline.flatfield import FlatField
-from pipeline.framescore import AnyFrameScorer, EncoderFrameScorer, FrameScorer
+from pipeline.framescore import AnyFrameScorer, open_frame_scorer
 from pipeline.genicam import CameraError
 from pipeline.journal import AlertJournal, JournalError
 from pipeline.linescan import BadBlockError, LineAssembler
 from pipeline.messages import Defect, Frame, LineBlock
-from pipeline.patchcore import PatchCoreScorer
 from pipeline.publish import Publisher, alert_body
 from pipeline.ratelog import RateLimitedLog
 from pipeline.security import CurveServer
 from pipeline.sources import Source
-from pipeline.svdd import SvddScorer, is_svdd_bundle
 from pipeline.systemd import notify
 
 log = logging.getLogger("stripinspect.daemon")
@@ -252,14 +250,8 @@ class Daemon:
         return fs
 
     def _open_frame_scorer(self, bundle: Path) -> AnyFrameScorer:
-        """PatchCore bundles and learned-encoder bundles (Patch SVDD, multi-scale) alike."""
-        try:
-            if is_svdd_bundle(bundle):
-                return EncoderFrameScorer(scorer=SvddScorer.open(bundle, runtime=self.runtime), tile=self.cfg.tile)
-            scorer = PatchCoreScorer.open(bundle, runtime=self.runtime, scoring=self.scoring)
-            return FrameScorer(scorer=scorer, tile=self.cfg.tile, margin=self.cfg.tile_margin)
-        except ValueError as err:
-            raise StripinspectError(f"{bundle}: {err}") from None
+        c = self.cfg
+        return open_frame_scorer(bundle, runtime=self.runtime, scoring=self.scoring, tile=c.tile, margin=c.tile_margin)
 
     # --- threads ------------------------------------------------------------------------
 

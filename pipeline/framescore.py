@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
+from pipeline.config import RuntimeConfig, ScoringConfig
+from pipeline.errors import StripinspectError
 from pipeline.patchcore import ImageScore, PatchCoreScorer
 from pipeline.scoring import anomaly_map, band_rows
-from pipeline.svdd import SvddScorer, patch_mean_map
+from pipeline.svdd import SvddScorer, is_svdd_bundle, patch_mean_map
 from pipeline.tiling import cut_tiles, plan_tiles, stitch_features
 
 ALIGN = 16  # coarsest stride of the registered backbones
@@ -162,3 +165,18 @@ class AnyFrameScorer(Protocol):
     def search_band(self, feats: Any, *, valid: tuple[int, int], lines: int) -> tuple[Any, int, float]: ...
 
     def band_map(self, band: Any, first_row: int, *, out_hw: tuple[int, int]) -> np.ndarray: ...
+
+
+def open_frame_scorer(
+    bundle: Path, *, runtime: RuntimeConfig, scoring: ScoringConfig, tile: int | None, margin: int
+) -> AnyFrameScorer:
+    """The frame scorer of a PatchCore bundle or a learned-encoder bundle (Patch SVDD,
+    multi-scale) alike, as the daemon and the threshold calibration use it; a bundle that cannot
+    score frames is a StripinspectError of one line."""
+    try:
+        if is_svdd_bundle(bundle):
+            return EncoderFrameScorer(scorer=SvddScorer.open(bundle, runtime=runtime), tile=tile)
+        scorer = PatchCoreScorer.open(bundle, runtime=runtime, scoring=scoring)
+        return FrameScorer(scorer=scorer, tile=tile, margin=margin)
+    except ValueError as err:
+        raise StripinspectError(f"{bundle}: {err}") from None

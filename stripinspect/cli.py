@@ -310,18 +310,13 @@ def cmd_calibrate_scale(args: argparse.Namespace) -> int:
 def cmd_calibrate_thresholds(args: argparse.Namespace) -> int:
     from calibration.thresholds import calibrate_thresholds, normal_maps_from_strip, synthetic_normal_frames
     from pipeline.flatfield import FlatField
-    from pipeline.framescore import FrameScorer
+    from pipeline.framescore import open_frame_scorer
     from pipeline.images import list_images, read_image
-    from pipeline.patchcore import PatchCoreScorer
     from pipeline.synthetic import SyntheticStrip
 
     cfg = _config(args.config)
     d = cfg.daemon
-    fs = FrameScorer(
-        scorer=PatchCoreScorer.open(args.bundle, runtime=cfg.runtime, scoring=cfg.scoring),
-        tile=d.tile,
-        margin=d.tile_margin,
-    )
+    fs = open_frame_scorer(args.bundle, runtime=cfg.runtime, scoring=cfg.scoring, tile=d.tile, margin=d.tile_margin)
     if args.data is not None:
         files = list_images(args.data)
         if not files:

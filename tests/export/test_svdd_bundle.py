@@ -131,3 +131,45 @@ def test_the_daemon_serves_an_svdd_bundle(svdd_bundle: Path) -> None:
     assert len(frame_msgs) == frames and not stats["drops"] and not report.gaps
     assert all(np.isfinite(f["max_score"]) for f in frame_msgs)
     assert alerts, "planted defects on a strip the encoder never saw should raise alerts"
+
+
+def test_thresholds_calibrated_for_an_encoder_bundle_drive_the_daemon(
+    svdd_bundle: Path, svdd_data: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    import zmq
+
+    from pipeline.config import ScoringConfig, SourceConfig
+    from pipeline.daemon import Daemon
+    from pipeline.defects import per_column
+    from pipeline.sources import SyntheticSource
+    from pipeline.svdd import read_svdd_manifest
+    from stripinspect.cli import main
+
+    bundle = tmp_path / "b"
+    shutil.copytree(svdd_bundle, bundle)
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("synthetic:\n  width: 256\n  seed: 1\ndaemon:\n  frame_lines: 768\n  overlap_lines: 384\n")
+    args = ["calibrate", "thresholds", "--config", str(cfg_file), "--bundle", str(bundle), "--frames", "4"]
+    args += ["--bands", "2", "--alarms-per-km", "500", "--min-area-mm2", "1", "--out", str(tmp_path / "r")]
+    assert main([*args, "--labelled", str(svdd_data), "--quiet"]) == 0
+    bands = read_svdd_manifest(bundle).band_thresholds
+    assert bands is not None and bands.band_edges_px == [0, 128, 256] and len(bands.thresholds) == 2
+    assert all(t > 0 for t in bands.thresholds) and (tmp_path / "r" / "labelled.json").is_file()
+    SvddScorer.open(bundle, runtime=RuntimeConfig())  # the rewritten manifest still verifies
+    src = SourceConfig(block_lines=128, strip_lines=2000)
+    cfg = loopback_daemon_config(bundle=bundle, threshold=None, frame_lines=768, overlap_lines=384, source=src)
+    ctx = zmq.Context()
+    daemon = Daemon(
+        cfg=cfg,
+        runtime=RuntimeConfig(),
+        scoring=ScoringConfig(),
+        source=SyntheticSource(cfg=src, width=256, seed=1, frame_lines=768),
+        context=ctx,
+    )
+    try:
+        np.testing.assert_array_equal(daemon.threshold, per_column(bands.band_edges_px, bands.thresholds))
+    finally:
+        daemon.join()
+        ctx.term()
