@@ -35,7 +35,16 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from export.svdd import Combine, PlateauStop, PositionClassifier, SvddError, SvddHistory, check_device
+from export.svdd import (
+    Combine,
+    CropSampler,
+    PlateauStop,
+    PositionClassifier,
+    SvddHistory,
+    anchors,
+    check_device,
+    gather,
+)
 
 STRIDE = 4  # code stride of every scale on the dense maps
 SCALES = (64, 32, 16)
@@ -144,22 +153,6 @@ def _offsets_cells(kind: str, k: int, n: int, rng: np.random.Generator) -> tuple
     raise ValueError(kind)
 
 
-def _anchors(shape: tuple[int, int], rng: np.random.Generator, *offsets: np.ndarray) -> np.ndarray:
-    """Anchor cells (n, 2) such that anchor + every offset stays on a map of ``shape`` cells."""
-    lo = np.maximum(0, -np.minimum.reduce(offsets))
-    hi = np.asarray(shape) - np.maximum(0, np.maximum.reduce(offsets))  # exclusive
-    if (hi <= lo).any():
-        top = max(int(np.abs(o).max()) for o in offsets)
-        raise SvddError(f"crop too small for offsets of {top} cells on a {shape} code map")
-    return (lo + rng.random(lo.shape) * (hi - lo)).astype(np.int64)
-
-
-def _gather(codes: torch.Tensor, cells: np.ndarray) -> torch.Tensor:
-    """codes (D, h, w), cells (n, 2) -> (n, D)."""
-    idx = torch.from_numpy(cells[:, 0] * codes.shape[2] + cells[:, 1]).to(codes.device)
-    return codes.reshape(codes.shape[0], -1)[:, idx].T
-
-
 def _kmeans(x: torch.Tensor, centroids: torch.Tensor | None, k: int, gen: torch.Generator) -> torch.Tensor:
     """A few Lloyd steps on ``x`` (n, D), from the previous centroids or from random samples."""
     if centroids is None:
@@ -177,31 +170,6 @@ def _kmeans(x: torch.Tensor, centroids: torch.Tensor | None, k: int, gen: torch.
 class MspState:
     centroids: dict[int, torch.Tensor | None] = field(default_factory=lambda: dict.fromkeys(SCALES))
     recent: dict[int, list[torch.Tensor]] = field(default_factory=lambda: {k: [] for k in SCALES})
-
-
-class CropSampler:
-    """Random square crops of normal images (uint8 (H, W, C)) as float tensors in [-1, 1]."""
-
-    def __init__(self, images: list[np.ndarray], crop: int, seed: int, device: str = "cpu") -> None:
-        if not images:
-            raise SvddError("no training images")
-        small = [im.shape for im in images if min(im.shape[:2]) < crop]
-        if small:
-            raise SvddError(f"images must be at least {crop} px on each side (the training crop), got {small[0]}")
-        self.images = images
-        self.crop = crop
-        self.device = torch.device(device)
-        self.rng = np.random.default_rng(seed)
-
-    def sample(self, n: int) -> torch.Tensor:
-        out = []
-        for _ in range(n):
-            im = self.images[int(self.rng.integers(len(self.images)))]
-            y = int(self.rng.integers(im.shape[0] - self.crop + 1))
-            x = int(self.rng.integers(im.shape[1] - self.crop + 1))
-            out.append(np.ascontiguousarray(im[y : y + self.crop, x : x + self.crop]))
-        batch = torch.from_numpy(np.stack(out)).to(self.device)
-        return batch.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
 def msp_losses(
@@ -224,14 +192,14 @@ def msp_losses(
             shape = (codes.shape[1], codes.shape[2])
             # SVDD' (Patch SVDD eq. 3): a patch and its jittered neighbour.
             off, _ = _offsets_cells("near", k, n, rng)
-            a = _anchors(shape, rng, off)
-            fa, fb = _gather(codes, a), _gather(codes, a + off)
+            a = anchors(shape, rng, off)
+            fa, fb = gather(codes, a), gather(codes, a + off)
             total["svdd"] = total["svdd"] + ((fa - fb) ** 2).sum(dim=1).mean()
             # SSL: one of 12 directions at distance K.
             off, labels = _offsets_cells("direction", k, n, rng)
             assert labels is not None
-            a = _anchors(shape, rng, off)
-            logits = classifiers[str(k)](_gather(codes, a), _gather(codes, a + off))
+            a = anchors(shape, rng, off)
+            logits = classifiers[str(k)](gather(codes, a), gather(codes, a + off))
             target = torch.from_numpy(labels).to(codes.device)
             total["ssl"] = total["ssl"] + F.cross_entropy(logits, target)
             correct += int((logits.argmax(dim=1) == target).sum())
@@ -239,14 +207,14 @@ def msp_losses(
             # Cosine: a near patch more similar than a far one, by a margin.
             near, _ = _offsets_cells("near", k, n, rng)
             far, _ = _offsets_cells("far", k, n, rng)
-            a = _anchors(shape, rng, near, far)
-            fa = _gather(codes, a)
-            cos_near = F.cosine_similarity(fa, _gather(codes, a + near), dim=1)
-            cos_far = F.cosine_similarity(fa, _gather(codes, a + far), dim=1)
+            a = anchors(shape, rng, near, far)
+            fa = gather(codes, a)
+            cos_near = F.cosine_similarity(fa, gather(codes, a + near), dim=1)
+            cos_far = F.cosine_similarity(fa, gather(codes, a + far), dim=1)
             total["cos"] = total["cos"] + F.relu(cos_far - cos_near + cfg.cos_margin).mean()
             # k-means: codes close to the nearest centroid.
             cells = np.stack([rng.integers(shape[0], size=n), rng.integers(shape[1], size=n)], axis=1)
-            f = _gather(codes, cells)
+            f = gather(codes, cells)
             state.recent[k].append(f.detach())
             cent = state.centroids[k]
             if cent is not None:

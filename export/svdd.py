@@ -12,6 +12,11 @@ Segmentation", ACCV 2020): a hierarchical patch encoder learned from normal patc
   self-supervised loss trains a classifier to tell which of the 8 neighbours of a 3 x 3 grid a
   second patch came from (with jitter), which keeps codes from collapsing. L = lambda L_SVDD' +
   L_SSL, for both scales.
+
+Training is dense, like the multi-scale trainer's: each step encodes a few random crops in one
+fully convolutional pass and reads every sampled pair's codes (``samples`` per crop per loss per
+scale) off the 32 px and 64 px code maps, the same codes the per-patch encoder gives (tested);
+positions and jitter are therefore multiples of the 4 px code stride.
 """
 
 from __future__ import annotations
@@ -128,9 +133,11 @@ class SvddTrainConfig:
     """``lam``: weight of the SVDD' loss against the SSL loss (the paper raises it for textures)."""
 
     dim: int = 64
-    lam: float = 1.0
+    lam: float = 1e-3
     iterations: int = 3000
-    batch: int = 64
+    crops: int = 2  # images (one crop each) per step
+    crop: int = 224  # crop side: room for the 3 x 3 grid of 64 px patches and the jitter
+    samples: int = 100  # pairs per crop per loss per scale
     lr: float = 1e-4
     jitter_svdd: int = 8  # px: the SVDD' partner is this close
     jitter_ssl: int = 8  # px: perturbation of the 3 x 3 grid positions (K / 8 for K = 64)
@@ -219,67 +226,81 @@ def check_device(device: str) -> str:
     return device
 
 
-class PatchSampler:
-    """Random patch pairs from normal images (uint8 (H, W, C)), seeded."""
+class CropSampler:
+    """Random square crops of normal images (uint8 (H, W, C)) as float tensors in [-1, 1]."""
 
-    def __init__(self, images: list[np.ndarray], seed: int, device: str = "cpu") -> None:
+    def __init__(self, images: list[np.ndarray], crop: int, seed: int, device: str = "cpu") -> None:
         if not images:
             raise SvddError("no training images")
-        small = [im.shape for im in images if min(im.shape[:2]) < 3 * 64 + 2 * 16]
+        small = [im.shape for im in images if min(im.shape[:2]) < crop]
         if small:
-            raise SvddError(f"images must be at least 224 px on each side for 64 px patches, got {small[0]}")
+            raise SvddError(f"images must be at least {crop} px on each side (the training crop), got {small[0]}")
+        self.images = images
+        self.crop = crop
         self.device = torch.device(device)
-        # Kept as uint8 (a quarter of float32's memory); only the sampled patches are scaled.
-        self.images = [torch.from_numpy(np.ascontiguousarray(im)).to(self.device).permute(2, 0, 1) for im in images]
         self.rng = np.random.default_rng(seed)
 
-    def _crop(self, img: torch.Tensor, y: int, x: int, k: int) -> torch.Tensor:
-        return img[:, y : y + k, x : x + k]
-
-    @staticmethod
-    def _scaled(patches: list[torch.Tensor]) -> torch.Tensor:
-        return torch.stack(patches).float().div(127.5).sub(1.0)
-
-    def svdd_pairs(self, n: int, k: int, jitter: int) -> tuple[torch.Tensor, torch.Tensor]:
-        a, b = [], []
+    def sample(self, n: int) -> torch.Tensor:
+        out = []
         for _ in range(n):
-            img = self.images[int(self.rng.integers(len(self.images)))]
-            _, h, w = img.shape
-            y = int(self.rng.integers(jitter, h - k - jitter + 1))
-            x = int(self.rng.integers(jitter, w - k - jitter + 1))
-            dy, dx = (int(v) for v in self.rng.integers(-jitter, jitter + 1, 2))
-            a.append(self._crop(img, y, x, k))
-            b.append(self._crop(img, y + dy, x + dx, k))
-        return self._scaled(a), self._scaled(b)
-
-    def ssl_pairs(self, n: int, k: int, jitter: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        a, b, labels = [], [], []
-        for _ in range(n):
-            img = self.images[int(self.rng.integers(len(self.images)))]
-            _, h, w = img.shape
-            reach = k + jitter
-            y = int(self.rng.integers(reach, h - k - reach + 1))
-            x = int(self.rng.integers(reach, w - k - reach + 1))
-            label = int(self.rng.integers(8))
-            ry, rx = NEIGHBOURS[label]
-            dy, dx = (int(v) for v in self.rng.integers(-jitter, jitter + 1, 2))
-            a.append(self._crop(img, y, x, k))
-            b.append(self._crop(img, y + ry * k + dy, x + rx * k + dx, k))
-            labels.append(label)
-        return self._scaled(a), self._scaled(b), torch.tensor(labels, device=self.device)
+            im = self.images[int(self.rng.integers(len(self.images)))]
+            y = int(self.rng.integers(im.shape[0] - self.crop + 1))
+            x = int(self.rng.integers(im.shape[1] - self.crop + 1))
+            out.append(np.ascontiguousarray(im[y : y + self.crop, x : x + self.crop]))
+        batch = torch.from_numpy(np.stack(out)).to(self.device)
+        return batch.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
-def _scale_losses(
-    encode: object, clf: PositionClassifier, sampler: PatchSampler, k: int, cfg: SvddTrainConfig
+def anchors(shape: tuple[int, int], rng: np.random.Generator, *offsets: np.ndarray) -> np.ndarray:
+    """Anchor cells (n, 2) such that anchor + every offset stays on a map of ``shape`` cells."""
+    lo = np.maximum(0, -np.minimum.reduce(offsets))
+    hi = np.asarray(shape) - np.maximum(0, np.maximum.reduce(offsets))  # exclusive
+    if (hi <= lo).any():
+        top = max(int(np.abs(o).max()) for o in offsets)
+        raise SvddError(f"crop too small for offsets of {top} cells on a {shape} code map")
+    return (lo + rng.random(lo.shape) * (hi - lo)).astype(np.int64)
+
+
+def gather(codes: torch.Tensor, cells: np.ndarray) -> torch.Tensor:
+    """codes (D, h, w), cells (n, 2) -> (n, D)."""
+    idx = torch.from_numpy(cells[:, 0] * codes.shape[2] + cells[:, 1]).to(codes.device)
+    return codes.reshape(codes.shape[0], -1)[:, idx].T
+
+
+def svdd_losses(
+    c64: torch.Tensor,
+    c32: torch.Tensor,
+    clf64: PositionClassifier,
+    clf32: PositionClassifier,
+    cfg: SvddTrainConfig,
+    rng: np.random.Generator,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
-    a, b = sampler.svdd_pairs(cfg.batch, k, cfg.jitter_svdd)
-    fa, fb = encode(a), encode(b)  # type: ignore[operator]
-    svdd = ((fa - fb) ** 2).sum(dim=1).mean()  # SVDD' (eq. 3): adjacent patches, close codes
-    p, q, labels = sampler.ssl_pairs(cfg.batch, k, cfg.jitter_ssl)
-    logits = clf(encode(p), encode(q))  # type: ignore[operator]
-    ssl = F.cross_entropy(logits, labels)  # eq. 4: relative position among 8 neighbours
-    acc = float((logits.argmax(dim=1) == labels).float().mean())
-    return svdd, ssl, acc
+    """SVDD' and SSL summed over both scales, averaged over the crops, from the dense code maps
+    (N, D, h, w) of every 64 px and every 32 px patch at stride 4; and the SSL accuracy."""
+    zero = torch.zeros((), device=c64.device)
+    svdd, ssl, correct, count = zero, zero, 0, 0
+    n, grid = cfg.samples, np.asarray(NEIGHBOURS)
+    j_svdd, j_ssl = max(1, round(cfg.jitter_svdd / STRIDE32)), round(cfg.jitter_ssl / STRIDE32)
+    for k, maps, clf in ((64, c64, clf64), (32, c32, clf32)):
+        for b in range(maps.shape[0]):
+            codes = maps[b]
+            shape = (codes.shape[1], codes.shape[2])
+            # SVDD' (eq. 3): a patch and a neighbour within the jitter, close codes.
+            off = rng.integers(-j_svdd, j_svdd + 1, (n, 2))
+            off[(off == 0).all(axis=1)] = (0, 1)
+            a = anchors(shape, rng, off)
+            svdd = svdd + ((gather(codes, a) - gather(codes, a + off)) ** 2).sum(dim=1).mean()
+            # SSL (eq. 4): which of the 8 neighbours of a 3 x 3 grid of K px cells, jittered.
+            labels = rng.integers(len(NEIGHBOURS), size=n)
+            off = grid[labels] * (k // STRIDE32) + rng.integers(-j_ssl, j_ssl + 1, (n, 2))
+            a = anchors(shape, rng, off)
+            logits = clf(gather(codes, a), gather(codes, a + off))
+            target = torch.from_numpy(labels).to(codes.device)
+            ssl = ssl + F.cross_entropy(logits, target)
+            correct += int((logits.argmax(dim=1) == target).sum())
+            count += n
+    per = 1.0 / c64.shape[0]
+    return svdd * per, ssl * per, correct / max(count, 1)
 
 
 def train_svdd(
@@ -288,7 +309,8 @@ def train_svdd(
     """Train both scales (64 px hierarchical and its shared 32 px encoder) on ``images``."""
     torch.manual_seed(cfg.seed)
     channels = images[0].shape[2] if images else 1
-    sampler = PatchSampler(images, cfg.seed, check_device(cfg.device))
+    rng = np.random.default_rng(cfg.seed)
+    sampler = CropSampler(images, cfg.crop, cfg.seed, check_device(cfg.device))
     enc32 = Encoder32(channels, cfg.dim)
     enc64 = Encoder64(enc32, cfg.dim).to(sampler.device)
     clf64, clf32 = PositionClassifier(cfg.dim).to(sampler.device), PositionClassifier(cfg.dim).to(sampler.device)
@@ -299,14 +321,14 @@ def train_svdd(
     stop = PlateauStop(patience=cfg.patience, classes=len(NEIGHBOURS), max_minutes=cfg.max_minutes)
     bar = tqdm(range(cfg.iterations), desc="train patch svdd", disable=not progress, unit="it")
     for _ in bar:
-        s64, l64, acc64 = _scale_losses(enc64.encode_patches, clf64, sampler, 64, cfg)
-        s32, l32, acc32 = _scale_losses(lambda x: enc32(x)[:, :, 0, 0], clf32, sampler, 32, cfg)
-        svdd, ssl = s64 + s32, l64 + l32
+        c32 = enc32(sampler.sample(cfg.crops))  # every 32 px patch of the crops, stride 4
+        c64 = enc64.head(c32, dilation=32 // STRIDE32)  # every 64 px patch (Encoder64's dense form)
+        svdd, ssl, acc = svdd_losses(c64, c32, clf64, clf32, cfg, rng)
         loss = cfg.lam * svdd + ssl
         opt.zero_grad()
         loss.backward()
         opt.step()
-        hist.record(loss=loss, svdd=svdd, ssl=ssl, accuracy=(acc64 + acc32) / 2)
+        hist.record(loss=loss, svdd=svdd, ssl=ssl, accuracy=acc)
         if stop.after_step(hist, bar):
             break
     hist.seconds = time.perf_counter() - t0

@@ -435,15 +435,18 @@ class SvddConfig(_Section):
     The defaults are the CPU preset; a GPU preset is in the README."""
 
     dim: int = Field(default=64, ge=2, le=1024, description="Code dimension D.")
-    lam: float = Field(default=1.0, ge=0, le=1e4, description="Weight of the SVDD' loss against the SSL loss.")
-    iterations: int = Field(default=1500, ge=1, le=10_000_000, description="Training iterations at most.")
-    batch: int = Field(default=32, ge=1, le=4096, description="Pairs per loss per scale per iteration.")
-    lr: float = Field(
-        default=1e-4,
-        gt=0,
-        le=1,
-        description="Adam learning rate (the paper's 1e-4; 3e-4 and 1e-3 did no better on BSData, README).",
+    lam: float = Field(
+        default=1e-3,
+        ge=0,
+        le=1e4,
+        description="Weight of the SVDD' loss against the SSL loss (the authors' example 1e-3; at 1 the codes "
+        "collapse on BSData, README).",
     )
+    iterations: int = Field(default=3000, ge=1, le=10_000_000, description="Training iterations at most.")
+    crops: int = Field(default=2, ge=1, le=1024, description="Image crops per step (one image each).")
+    crop: int = Field(default=224, ge=224, le=4096, description="Crop side in pixels (a 3 x 3 grid of 64 px patches).")
+    samples: int = Field(default=100, ge=1, le=100_000, description="Pairs per crop per loss per scale.")
+    lr: float = Field(default=1e-4, gt=0, le=1, description="Adam learning rate (the paper's 1e-4).")
     patience: int = Field(default=5, ge=1, le=10_000, description="Hundreds of iterations without 1 % gain: stop.")
     seed: int = Field(default=0, ge=0, description="Seed of weights and patch sampling.")
     bank_rows: int = Field(default=16_384, ge=1, le=10_000_000, description="Coreset rows per scale.")

@@ -99,7 +99,7 @@ def svdd_bundle(tmp_path_factory: pytest.TempPathFactory, svdd_data: Path) -> Pa
     out = tmp_path_factory.mktemp("svdd") / "bundle"
     # A barely trained encoder: 40 steps at lr 1e-3 collapse every code to one point on this strip
     # (SVDD' wins before SSL starts to learn), which would leave nothing to score.
-    cfg = Config(svdd=SvddConfig(dim=16, iterations=40, batch=8, lr=1e-5, bank_rows=512))
+    cfg = Config(svdd=SvddConfig(dim=16, iterations=40, crops=1, samples=8, lr=1e-5, bank_rows=512))
     fit_svdd(data=svdd_data / "train" / "good", out=out, cfg=cfg, progress=False)
     return out
 

@@ -10,7 +10,6 @@ import torch
 from export.svdd import (
     Encoder32,
     Encoder64,
-    PatchSampler,
     SvddError,
     SvddTrainConfig,
     export_svdd,
@@ -54,23 +53,27 @@ def _structured_images(n: int, seed: int) -> list[np.ndarray]:
     return out
 
 
-def _compactness(enc: Encoder64, sampler: PatchSampler) -> float:
-    """Mean code distance of adjacent 64 px patches over that of random pairs (lower: tighter)."""
+def _compactness(enc: Encoder64, images: list[np.ndarray]) -> float:
+    """Mean code distance of 64 px patches 8 px apart over that of random pairs (lower: tighter)."""
+    rng = np.random.default_rng(5)
     with torch.no_grad():
-        a, b = sampler.svdd_pairs(64, 64, 8)
-        fa, fb = enc.encode_patches(a), enc.encode_patches(b)
+        x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        codes = enc(x)  # (N, D, h, w), stride 4
+        n, _, h, w = codes.shape
+        b, i, j = rng.integers(n, size=256), rng.integers(h, size=256), rng.integers(w - 2, size=256)
+        fa, fb = codes[b, :, i, j], codes[b, :, i, j + 2]
         adjacent = (fa - fb).norm(dim=1).mean()
-        random = (fa - fb[torch.randperm(64)]).norm(dim=1).mean()
-    return float(adjacent / random)
+        random = fa - codes[rng.integers(n, size=256), :, rng.integers(h, size=256), rng.integers(w, size=256)]
+    return float(adjacent / random.norm(dim=1).mean())
 
 
 def test_short_training_learns_relative_positions_and_tightens_adjacent_codes(tmp_path: Path) -> None:
     images = _structured_images(6, seed=1)
-    cfg = SvddTrainConfig(dim=32, iterations=150, batch=16, lr=2e-3, patience=100, seed=0)
+    cfg = SvddTrainConfig(dim=32, lam=1.0, iterations=150, crops=2, samples=32, lr=2e-3, patience=100, seed=0)
     torch.manual_seed(0)
-    before = _compactness(Encoder64(Encoder32(3, 32), 32), PatchSampler(images, seed=5))
+    before = _compactness(Encoder64(Encoder32(3, 32), 32), images)
     enc, hist = train_svdd(images, cfg, progress=False)
-    after = _compactness(enc, PatchSampler(images, seed=5))
+    after = _compactness(enc, images)
     # SSL accuracy on each batch's fresh pairs (drawn anew every iteration); chance is 1/8.
     acc_start, acc_end = np.mean(hist.ssl_accuracy[:30]), np.mean(hist.ssl_accuracy[-30:])
     print(f"SSL accuracy {acc_start:.2f} -> {acc_end:.2f}; adjacent/random code distance {before:.2f} -> {after:.2f}")
@@ -83,7 +86,7 @@ def test_short_training_learns_relative_positions_and_tightens_adjacent_codes(tm
 
 def test_training_is_reproducible() -> None:
     images = _structured_images(3, seed=2)
-    cfg = SvddTrainConfig(dim=8, iterations=5, batch=4, seed=3)
+    cfg = SvddTrainConfig(dim=8, iterations=5, crops=1, samples=4, seed=3)
     a, ha = train_svdd(images, cfg, progress=False)
     b, hb = train_svdd(images, cfg, progress=False)
     assert ha.loss == hb.loss
@@ -104,7 +107,7 @@ def test_export_matches_torch_and_uses_the_paper_strides(tmp_path: Path) -> None
 
 def test_too_small_images_are_one_clear_error() -> None:
     with pytest.raises(SvddError, match="at least 224 px"):
-        PatchSampler([np.zeros((100, 300, 1), np.uint8)], seed=0)
+        train_svdd([np.zeros((100, 300, 1), np.uint8)], SvddTrainConfig(iterations=1), progress=False)
 
 
 def test_no_early_stop_while_the_position_classifier_is_at_chance() -> None:
@@ -112,7 +115,7 @@ def test_no_early_stop_while_the_position_classifier_is_at_chance() -> None:
     # must not stop as if it had converged (it did on BSData before this rule).
     rng = np.random.default_rng(0)
     noise = [rng.integers(0, 256, (224, 224, 1), dtype=np.uint8) for _ in range(2)]
-    cfg = SvddTrainConfig(dim=8, iterations=200, batch=2, lr=1e-4, patience=1, seed=0)
+    cfg = SvddTrainConfig(dim=8, iterations=200, crops=1, samples=2, lr=1e-4, patience=1, seed=0)
     _, hist = train_svdd(noise, cfg, progress=False)
     assert np.mean(hist.ssl_accuracy) < 0.25
     assert not hist.stopped_early and len(hist.loss) == 200  # the old rule stopped at the 200th

@@ -16,7 +16,7 @@ from pipeline.config import Config, MspConfig, SvddConfig
 from stripinspect.cli import main
 
 MSP = MspConfig(dim=8, iterations=6, crops=1, samples=16, clusters=4, lr=1e-4, bank_rows=128)
-SVDD = SvddConfig(dim=8, iterations=4, batch=4, lr=1e-4, bank_rows=128)
+SVDD = SvddConfig(dim=8, iterations=4, crops=1, samples=4, lr=1e-4, bank_rows=128)
 
 
 def _write_config(path: Path, cfg: Config) -> Path:
@@ -78,7 +78,7 @@ def test_saved_encoder_loads_to_the_same_codes(svdd_data: Path, tmp_path: Path) 
         encoder=tmp_path / "svdd.pt",
         progress=False,
     )
-    assert sm.dim == SVDD.dim and sm.training["batch"] == SVDD.batch  # its own settings, not the config's
+    assert sm.dim == SVDD.dim and sm.training["samples"] == SVDD.samples  # its own settings, not the config's
     # ... and is refused by the other, in one line naming what it is.
     with pytest.raises(SvddError, match="backend 'svdd', not 'msp'"):
         fit_msp(data=svdd_data / "train" / "good", out=tmp_path / "c", cfg=Config(), encoder=tmp_path / "svdd.pt")
