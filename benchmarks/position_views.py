@@ -34,14 +34,9 @@ import numpy as np
 from calibration.evaluate import evaluate, find_test_images
 from export.fit import fit_bundle
 from pipeline.config import Config, load_config
-from pipeline.images import read_image, read_mask
+from pipeline.images import list_images, read_image, read_mask
 
 VARIANTS = ("as_captured", "jitter", "texture", "few")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-
-
-def _train_images(data: Path) -> list[Path]:
-    return sorted(p for p in (data / "train/good").iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def _crop_origin(
@@ -66,7 +61,7 @@ def write_view(data: Path, out: Path, variant: str, seed: int = 0) -> Path:
     if variant == "few":
         good = out / "train/good"
         good.mkdir(parents=True, exist_ok=True)
-        for p in _train_images(data)[::8]:
+        for p in list_images(data / "train/good")[::8]:
             link = good / p.name
             if not link.exists():
                 os.symlink(p.resolve(), link)
@@ -74,7 +69,7 @@ def write_view(data: Path, out: Path, variant: str, seed: int = 0) -> Path:
             if not (out / sub).exists():
                 os.symlink((data / sub).resolve(), out / sub)
         return out
-    first = read_image(_train_images(data)[0])
+    first = read_image(list_images(data / "train/good")[0])
     frac = (5 / 6, 5 / 6) if variant == "jitter" else (1 / 2, 2 / 5)
     hw = (int(first.shape[0] * frac[0]) // 32 * 32, int(first.shape[1] * frac[1]) // 32 * 32)
     rng = np.random.default_rng(seed)
@@ -91,7 +86,7 @@ def write_view(data: Path, out: Path, variant: str, seed: int = 0) -> Path:
             mask_dst.parent.mkdir(parents=True, exist_ok=True)
             cv2.imwrite(str(mask_dst), mask[y : y + hw[0], x : x + hw[1]].astype(np.uint8) * 255)
 
-    for p in _train_images(data):
+    for p in list_images(data / "train/good"):
         cut(p, out / "train/good" / f"{p.stem}.png", None, None, False)
     for item in find_test_images(data):
         kind = item.defect_type

@@ -430,54 +430,12 @@ class DaemonConfig(_Section):
         return self
 
 
-class SvddConfig(_Section):
-    """Patch SVDD (Yi & Yoon, ACCV 2020) encoder training, for `stripinspect fit --backend svdd`.
-    The defaults are the CPU preset; a GPU preset is in the README."""
+class _EncoderTraining(_Section):
+    """Settings both learned-encoder trainers share; every key but ``bank_rows`` is a training
+    setting of the same name (export.svdd.SvddTrainConfig, export.msp.MspTrainConfig)."""
 
     dim: int = Field(default=64, ge=2, le=1024, description="Code dimension D.")
-    lam: float = Field(
-        default=1e-3,
-        ge=0,
-        le=1e4,
-        description="Weight of the SVDD' loss against the SSL loss (the authors' example 1e-3; at 1 the codes "
-        "collapse on BSData, README).",
-    )
-    iterations: int = Field(default=3000, ge=1, le=10_000_000, description="Training iterations at most.")
     crops: int = Field(default=2, ge=1, le=1024, description="Image crops per step (one image each).")
-    crop: int = Field(default=224, ge=224, le=4096, description="Crop side in pixels (a 3 x 3 grid of 64 px patches).")
-    samples: int = Field(default=100, ge=1, le=100_000, description="Pairs per crop per loss per scale.")
-    lr: float = Field(default=1e-4, gt=0, le=1, description="Adam learning rate (the paper's 1e-4).")
-    patience: int = Field(default=5, ge=1, le=10_000, description="Hundreds of iterations without 1 % gain: stop.")
-    seed: int = Field(default=0, ge=0, description="Seed of weights and patch sampling.")
-    bank_rows: int = Field(default=16_384, ge=1, le=10_000_000, description="Coreset rows per scale.")
-    device: str = Field(
-        default="cpu", pattern=r"^(cpu|cuda(:\d+)?)$", description="torch device for training: cpu, cuda or cuda:N."
-    )
-    max_minutes: float | None = Field(
-        default=None, gt=0, le=100_000, description="Wall-clock budget of the training loop (null: none)."
-    )
-
-
-class MspConfig(_Section):
-    """Multi-scale patch encoders (Tsai, Wu & Lai, WACV 2022), for `stripinspect fit --backend msp`.
-    The defaults are the CPU preset (BSData in under 30 minutes on 2 cores); the GPU preset is
-    presets/train-gpu.yaml."""
-
-    dim: int = Field(default=64, ge=2, le=1024, description="Code dimension D.")
-    lam: float = Field(
-        default=1.0, ge=0, le=1e4, description="Weight of the SVDD' and cosine losses against the SSL loss."
-    )
-    kmeans_weight: float = Field(
-        default=1.0, ge=0, le=1e4, description="Weight of the k-means loss against the SSL loss."
-    )
-    iterations: int = Field(default=1500, ge=1, le=10_000_000, description="Training steps at most.")
-    crops: int = Field(default=2, ge=1, le=1024, description="Image crops per step (one image each).")
-    crop: int = Field(default=224, ge=160, le=4096, description="Crop side in pixels (room for 64 px patches).")
-    samples: int = Field(
-        default=100, ge=1, le=100_000, description="Patches, pairs or triplets per crop per loss per scale."
-    )
-    clusters: int = Field(default=50, ge=2, le=100_000, description="k of the k-means loss.")
-    lr: float = Field(default=1e-3, gt=0, le=1, description="Adam learning rate.")
     patience: int = Field(default=5, ge=1, le=10_000, description="Hundreds of steps without 1 % gain: stop.")
     seed: int = Field(default=0, ge=0, description="Seed of weights and patch sampling.")
     bank_rows: int = Field(default=16_384, ge=1, le=10_000_000, description="Coreset rows per scale.")
@@ -487,6 +445,43 @@ class MspConfig(_Section):
     max_minutes: float | None = Field(
         default=None, gt=0, le=100_000, description="Wall-clock budget of the training loop (null: none)."
     )
+
+
+class SvddConfig(_EncoderTraining):
+    """Patch SVDD (Yi & Yoon, ACCV 2020) encoder training, for `stripinspect fit --backend svdd`.
+    The defaults are the CPU preset; the GPU preset is presets/train-gpu.yaml."""
+
+    lam: float = Field(
+        default=1e-3,
+        ge=0,
+        le=1e4,
+        description="Weight of the SVDD' loss against the SSL loss (the authors' example 1e-3; at 1 the codes "
+        "collapse on BSData, README).",
+    )
+    iterations: int = Field(default=3000, ge=1, le=10_000_000, description="Training iterations at most.")
+    crop: int = Field(default=224, ge=224, le=4096, description="Crop side in pixels (a 3 x 3 grid of 64 px patches).")
+    samples: int = Field(default=100, ge=1, le=100_000, description="Pairs per crop per loss per scale.")
+    lr: float = Field(default=1e-4, gt=0, le=1, description="Adam learning rate (the paper's 1e-4).")
+
+
+class MspConfig(_EncoderTraining):
+    """Multi-scale patch encoders (Tsai, Wu & Lai, WACV 2022), for `stripinspect fit --backend msp`.
+    The defaults are the CPU preset (BSData in under 30 minutes on 2 cores); the GPU preset is
+    presets/train-gpu.yaml."""
+
+    lam: float = Field(
+        default=1.0, ge=0, le=1e4, description="Weight of the SVDD' and cosine losses against the SSL loss."
+    )
+    kmeans_weight: float = Field(
+        default=1.0, ge=0, le=1e4, description="Weight of the k-means loss against the SSL loss."
+    )
+    iterations: int = Field(default=1500, ge=1, le=10_000_000, description="Training steps at most.")
+    crop: int = Field(default=224, ge=160, le=4096, description="Crop side in pixels (room for 64 px patches).")
+    samples: int = Field(
+        default=100, ge=1, le=100_000, description="Patches, pairs or triplets per crop per loss per scale."
+    )
+    clusters: int = Field(default=50, ge=2, le=100_000, description="k of the k-means loss.")
+    lr: float = Field(default=1e-3, gt=0, le=1, description="Adam learning rate.")
 
 
 class Config(_Section):

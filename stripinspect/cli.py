@@ -86,7 +86,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     h = te.hist
     acc = float(np.mean(h.ssl_accuracy[-100:]))
     print(
-        f"encoder {args.out}: {args.backend} trained on {te.images} images, {len(h.loss)} iterations in "
+        f"encoder {args.out}: {args.backend} trained on {te.images} images, {len(h.loss)} steps in "
         f"{h.seconds:.1f} s on {te.training['device']} (stop: {h.stop_reason}), SSL accuracy {acc:.3f}; "
         f"`stripinspect fit --backend {args.backend} --encoder {args.out}` fits its banks"
     )
