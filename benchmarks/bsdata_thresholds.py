@@ -20,10 +20,10 @@ from pathlib import Path
 from calibration.bands import band_edges, calibrate_bands
 from calibration.evaluate import find_test_images
 from calibration.thresholds import labelled_report
+from pipeline.acquisition.images import read_image
 from pipeline.config import Config
-from pipeline.defects import per_column
-from pipeline.images import read_image
-from pipeline.patchcore import PatchCoreScorer
+from pipeline.inference.patchcore import PatchCoreScorer
+from pipeline.postprocess.defects import per_column
 
 
 def main() -> None:

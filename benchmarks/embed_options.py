@@ -22,10 +22,10 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from pipeline.acquisition.synthetic import SyntheticStrip
 from pipeline.config import KnnConfig
-from pipeline.embed import OnnxEmbedder
-from pipeline.knn import FaissIndex
-from pipeline.synthetic import SyntheticStrip
+from pipeline.inference.embed import OnnxEmbedder
+from pipeline.inference.knn import FaissIndex
 
 
 def timed(embedder: OnnxEmbedder, frame: np.ndarray, repeat: int, busy: FaissIndex | None, q: np.ndarray) -> float:

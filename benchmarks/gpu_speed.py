@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from pipeline.matmul_knn import MatmulBank
+from pipeline.inference.matmul_knn import MatmulBank
 
 LINES, CONTEXT, STRIDE, SIGMA = 1024, 192, 8, 4.0
 

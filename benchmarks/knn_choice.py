@@ -26,11 +26,11 @@ import numpy as np
 
 from calibration.evaluate import find_test_images
 from calibration.metrics import auroc, auroc_from_sorted, label_regions, pro_auc_from_regions
+from pipeline.acquisition.images import read_image, read_mask
 from pipeline.config import Config, KnnConfig
-from pipeline.images import read_image, read_mask
-from pipeline.knn import FaissIndex
-from pipeline.patchcore import PatchCoreScorer, resize_for_model
-from pipeline.scoring import anomaly_map, reweighted_image_score
+from pipeline.inference.knn import FaissIndex
+from pipeline.inference.patchcore import PatchCoreScorer, resize_for_model
+from pipeline.inference.scoring import anomaly_map, reweighted_image_score
 
 
 def parse_choice(text: str) -> tuple[KnnConfig, int | None]:

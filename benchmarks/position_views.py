@@ -33,8 +33,8 @@ import numpy as np
 
 from calibration.evaluate import evaluate, find_test_images
 from export.fit import fit_bundle
+from pipeline.acquisition.images import list_images, read_image, read_mask
 from pipeline.config import Config, load_config
-from pipeline.images import list_images, read_image, read_mask
 
 VARIANTS = ("as_captured", "jitter", "texture", "few")
 

@@ -23,13 +23,13 @@ import zmq
 from speed import CONTEXT, ReplaySource, daemon_run, ensure_bundle
 
 from calibration.thresholds import threshold_above_normal
+from pipeline.acquisition.synthetic import SyntheticStrip, random_defects
 from pipeline.config import Config, DaemonConfig, JournalConfig, SourceConfig
-from pipeline.daemon import Daemon
-from pipeline.framescore import FrameScorer
-from pipeline.listen import listen
-from pipeline.messages import LineBlock
-from pipeline.patchcore import PatchCoreScorer
-from pipeline.synthetic import SyntheticStrip, random_defects
+from pipeline.inference.framescore import FrameScorer
+from pipeline.inference.patchcore import PatchCoreScorer
+from pipeline.service.daemon import Daemon
+from pipeline.transport.listen import listen
+from pipeline.transport.messages import LineBlock
 
 
 class LoopSource(ReplaySource):

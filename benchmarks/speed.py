@@ -36,6 +36,7 @@ import zmq
 
 from calibration.metrics import auroc
 from export.backbones import SPECS, PatchFeatureNet, build_feature_extractor
+from pipeline.acquisition.synthetic import SyntheticStrip, random_defects
 from pipeline.config import (
     Config,
     CoresetConfig,
@@ -47,13 +48,12 @@ from pipeline.config import (
     SourceConfig,
     SyntheticConfig,
 )
-from pipeline.daemon import Daemon
-from pipeline.framescore import FrameScorer
-from pipeline.listen import collect_run
-from pipeline.messages import LineBlock
-from pipeline.patchcore import PatchCoreScorer
-from pipeline.scoring import gaussian_kernel_size
-from pipeline.synthetic import SyntheticStrip, random_defects
+from pipeline.inference.framescore import FrameScorer
+from pipeline.inference.patchcore import PatchCoreScorer
+from pipeline.inference.scoring import gaussian_kernel_size
+from pipeline.service.daemon import Daemon
+from pipeline.transport.listen import collect_run
+from pipeline.transport.messages import LineBlock
 
 CONTEXT = 192  # lines of CNN context above and below each frame (daemon overlap 384)
 EVAL_LINE = 30_000_000  # labelled frames, far from the training lines

@@ -9,11 +9,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pipeline.bundle import MANIFEST_FILE, sha256_file
+from pipeline.acquisition.images import ImageReadError, list_images, read_image
 from pipeline.config import Config
-from pipeline.ensemble import ENSEMBLE_KIND, EnsembleManifest, MemberSpec, normal_statistics, open_member
 from pipeline.errors import StripinspectError
-from pipeline.images import ImageReadError, list_images, read_image
+from pipeline.inference.bundle import MANIFEST_FILE, sha256_file
+from pipeline.inference.ensemble import ENSEMBLE_KIND, EnsembleManifest, MemberSpec, normal_statistics, open_member
 
 
 class EnsembleError(StripinspectError):

@@ -22,12 +22,12 @@ from calibration.metrics import (
     label_regions,
     pro_auc_from_regions,
 )
+from pipeline.acquisition.images import ImageReadError, list_images, read_image, read_mask
 from pipeline.config import Config
-from pipeline.ensemble import EnsembleScorer, is_ensemble
 from pipeline.errors import StripinspectError
-from pipeline.images import ImageReadError, list_images, read_image, read_mask
-from pipeline.patchcore import PatchCoreScorer
-from pipeline.svdd import SvddScorer, is_svdd_bundle
+from pipeline.inference.ensemble import EnsembleScorer, is_ensemble
+from pipeline.inference.patchcore import PatchCoreScorer
+from pipeline.inference.svdd import SvddScorer, is_svdd_bundle
 
 
 class EvaluationError(StripinspectError):

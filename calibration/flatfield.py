@@ -13,7 +13,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from pipeline.flatfield import FlatFieldError
+from pipeline.acquisition.flatfield import FlatFieldError
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from pipeline.edges import detect_edges, mm_per_line_from_encoder, mm_per_line_from_speed
+from pipeline.acquisition.edges import detect_edges, mm_per_line_from_encoder, mm_per_line_from_speed
 
 
 def calibrate_scale(

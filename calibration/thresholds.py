@@ -15,15 +15,15 @@ from tqdm import tqdm
 
 from calibration.bands import band_edges, calibrate_bands, plot_curves
 from calibration.evaluate import TestImage
-from pipeline.bundle import BandThresholds, read_manifest, write_manifest
-from pipeline.flatfield import FlatField
-from pipeline.framescore import AnyFrameScorer
-from pipeline.images import read_image, read_mask
-from pipeline.linescan import LineAssembler
-from pipeline.messages import LineBlock
-from pipeline.patchcore import PatchCoreScorer
-from pipeline.svdd import SvddScorer, is_svdd_bundle, read_svdd_manifest
-from pipeline.synthetic import SyntheticStrip
+from pipeline.acquisition.flatfield import FlatField
+from pipeline.acquisition.images import read_image, read_mask
+from pipeline.acquisition.linescan import LineAssembler
+from pipeline.acquisition.synthetic import SyntheticStrip
+from pipeline.inference.bundle import BandThresholds, read_manifest, write_manifest
+from pipeline.inference.framescore import AnyFrameScorer
+from pipeline.inference.patchcore import PatchCoreScorer
+from pipeline.inference.svdd import SvddScorer, is_svdd_bundle, read_svdd_manifest
+from pipeline.transport.messages import LineBlock
 
 
 def threshold_above_normal(scorer: AnyFrameScorer, frames: Iterable[np.ndarray], *, factor: float = 1.1) -> float:

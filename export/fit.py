@@ -13,7 +13,10 @@ from tqdm import tqdm
 
 from export.coreset import StreamingCoreset, reduce_union
 from export.onnx_export import MODEL_INFO_FILE, ModelInfo, export_backbone
-from pipeline.bundle import (
+from pipeline.acquisition.images import ImageReadError, list_images, read_image
+from pipeline.config import Config
+from pipeline.errors import StripinspectError
+from pipeline.inference.bundle import (
     INDEX_FILE,
     MODEL_FILE,
     POSITION_STATS_FILE,
@@ -28,12 +31,9 @@ from pipeline.bundle import (
     sha256_file,
     write_manifest,
 )
-from pipeline.config import Config
-from pipeline.embed import MIN_SIDE, OnnxEmbedder
-from pipeline.errors import StripinspectError
-from pipeline.images import ImageReadError, list_images, read_image
-from pipeline.knn import FaissIndex, build_index, write_index
-from pipeline.patchcore import resize_for_model
+from pipeline.inference.embed import MIN_SIDE, OnnxEmbedder
+from pipeline.inference.knn import FaissIndex, build_index, write_index
+from pipeline.inference.patchcore import resize_for_model
 
 
 class FitError(StripinspectError):

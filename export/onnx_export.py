@@ -15,10 +15,10 @@ from export.backbones import (
     PatchFeatureNet,
     build_feature_extractor,
 )
-from pipeline.bundle import MODEL_FILE, sha256_file
 from pipeline.config import BackboneConfig
-from pipeline.embed import INPUT_NAME, OUTPUT_NAME, OnnxEmbedder
 from pipeline.errors import StripinspectError
+from pipeline.inference.bundle import MODEL_FILE, sha256_file
+from pipeline.inference.embed import INPUT_NAME, OUTPUT_NAME, OnnxEmbedder
 
 OPSET = 17
 MAX_RELATIVE_ERROR = 1e-4

@@ -18,10 +18,10 @@ from export.coreset import StreamingCoreset
 from export.msp import INFERENCE as MSP_SCALES
 from export.svdd import SvddError, export_dense_encoder
 from export.trained import Backend, TrainedEncoder, load_encoder, read_training_images, train_encoder, write_curves
-from pipeline.bundle import MANIFEST_FILE, sha256_file
 from pipeline.config import Config
-from pipeline.knn import build_index, write_index
-from pipeline.svdd import MSP_KIND, SVDD_KIND, ScaleSpec, SvddManifest, dense_codes
+from pipeline.inference.bundle import MANIFEST_FILE, sha256_file
+from pipeline.inference.knn import build_index, write_index
+from pipeline.inference.svdd import MSP_KIND, SVDD_KIND, ScaleSpec, SvddManifest, dense_codes
 
 # (patch side, inference stride, ONNX output, index file) per scale, largest first.
 SVDD_SCALES = ((64, 16, "codes64", "index.faiss"), (32, 4, "codes32", "index32.faiss"))
@@ -81,7 +81,7 @@ def _write_bundle(
     channels = images[0].shape[2]  # = te.channels (checked)
     write_curves(hist, out)
     verified = export_dense_encoder(te.dense(), channels, out / "model.onnx", outputs=tuple(o for *_, o, _ in scales))
-    # The banks are embedded through the runtime's own code (pipeline.svdd.dense_codes): what
+    # The banks are embedded through the runtime's own code (pipeline.inference.svdd.dense_codes): what
     # was fitted is what runs.
     counts = [
         [((im.shape[0] - p) // st + 1) * ((im.shape[1] - p) // st + 1) for p, st, _, _ in scales] for im in images

@@ -33,8 +33,8 @@ from export.svdd import (
     plot_history,
     train_svdd,
 )
+from pipeline.acquisition.images import ImageReadError, list_images, read_image
 from pipeline.config import Config
-from pipeline.images import ImageReadError, list_images, read_image
 
 Backend = Literal["svdd", "msp"]
 FILE_FORMAT = 1

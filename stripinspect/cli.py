@@ -133,19 +133,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     import logging
     import signal
 
-    from pipeline.daemon import Daemon
-    from pipeline.sources import FolderSource, Source, SyntheticSource
+    from pipeline.acquisition.sources import FolderSource, Source, SyntheticSource
+    from pipeline.service.daemon import Daemon
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = _config(args.config)
     d = cfg.daemon
     source: Source
     if d.source.kind == "genicam":
-        from pipeline.genicam import GenicamSource
+        from pipeline.acquisition.genicam import GenicamSource
 
         source = GenicamSource(cfg=d.source.genicam)
     elif d.source.kind == "video":
-        from pipeline.sources import VideoSource
+        from pipeline.acquisition.sources import VideoSource
 
         if d.source.video is None:
             raise ConfigError("daemon.source.video is required for kind: video")
@@ -161,7 +161,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     daemon = Daemon(cfg=d, runtime=cfg.runtime, scoring=cfg.scoring, source=source)
     server = None
     if d.metrics_port is not None:
-        from pipeline.metrics import serve_metrics
+        from pipeline.service.metrics import serve_metrics
 
         try:
             server, _ = serve_metrics(daemon, port=d.metrics_port, addr=d.metrics_addr)
@@ -182,7 +182,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _client_keys(args: argparse.Namespace) -> Any:
-    from pipeline.listen import ClientKeys
+    from pipeline.transport.listen import ClientKeys
 
     if (args.client_key is None) != (args.server_key is None):
         raise ConfigError("--client-key and --server-key go together (CURVE)")
@@ -190,7 +190,7 @@ def _client_keys(args: argparse.Namespace) -> Any:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    from pipeline.security import create_keys
+    from pipeline.transport.security import create_keys
 
     create_keys(args.out, args.clients)
     print(f"{args.out}: server certificate, {len(args.clients)} client certificate(s) in {args.out / 'clients'}")
@@ -199,7 +199,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 def cmd_listen(args: argparse.Namespace) -> int:
-    from pipeline.listen import deadline, json_line, listen
+    from pipeline.transport.listen import deadline, json_line, listen
 
     out = open(args.out, "a", encoding="utf-8") if args.out else sys.stdout  # noqa: SIM115
     try:
@@ -228,8 +228,8 @@ def cmd_listen(args: argparse.Namespace) -> int:
 def cmd_reject_sim(args: argparse.Namespace) -> int:
     import time
 
-    from pipeline.listen import deadline, listen
-    from pipeline.reject import fire_time
+    from pipeline.transport.listen import deadline, listen
+    from pipeline.transport.reject import fire_time
 
     late: list[float] = []
     margins: list[float] = []
@@ -265,7 +265,7 @@ def cmd_reject_sim(args: argparse.Namespace) -> int:
 
 
 def _line_stack(path: Path) -> np.ndarray:
-    from pipeline.images import list_images, read_image
+    from pipeline.acquisition.images import list_images, read_image
 
     files = list_images(path) if path.is_dir() else [path]
     if not files:
@@ -289,7 +289,7 @@ def cmd_calibrate_flatfield(args: argparse.Namespace) -> int:
 
 def cmd_calibrate_scale(args: argparse.Namespace) -> int:
     from calibration.scale import calibrate_scale
-    from pipeline.images import read_image
+    from pipeline.acquisition.images import read_image
 
     try:
         result = calibrate_scale(
@@ -309,10 +309,10 @@ def cmd_calibrate_scale(args: argparse.Namespace) -> int:
 
 def cmd_calibrate_thresholds(args: argparse.Namespace) -> int:
     from calibration.thresholds import calibrate_thresholds, normal_maps_from_strip, synthetic_normal_frames
-    from pipeline.flatfield import FlatField
-    from pipeline.framescore import open_frame_scorer
-    from pipeline.images import list_images, read_image
-    from pipeline.synthetic import SyntheticStrip
+    from pipeline.acquisition.flatfield import FlatField
+    from pipeline.acquisition.images import list_images, read_image
+    from pipeline.acquisition.synthetic import SyntheticStrip
+    from pipeline.inference.framescore import open_frame_scorer
 
     cfg = _config(args.config)
     d = cfg.daemon
@@ -355,7 +355,7 @@ def cmd_calibrate_thresholds(args: argparse.Namespace) -> int:
     if args.labelled is not None:
         from calibration.evaluate import find_test_images
         from calibration.thresholds import labelled_report
-        from pipeline.defects import per_column
+        from pipeline.postprocess.defects import per_column
 
         min_area_px = max(1, math.ceil(args.min_area_mm2 / (d.mm_per_px * d.mm_per_line)))
         report = labelled_report(

@@ -10,8 +10,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from pipeline.acquisition.synthetic import DEFECT_KINDS, PlantedDefect, SyntheticStrip, random_defects
 from pipeline.config import Config
-from pipeline.synthetic import DEFECT_KINDS, PlantedDefect, SyntheticStrip, random_defects
 
 
 def write_synthetic_dataset(cfg: Config, root: Path) -> list[tuple[str, str]]:
@@ -107,13 +107,13 @@ def run_daemon_demo(*, cfg: Config, bundle: Path, steps: int = 24) -> dict[str, 
     import zmq
 
     from calibration.thresholds import threshold_above_normal
-    from pipeline.bundle import read_manifest, write_manifest
+    from pipeline.acquisition.sources import SyntheticSource
     from pipeline.config import SourceConfig
-    from pipeline.daemon import Daemon
-    from pipeline.framescore import FrameScorer
-    from pipeline.listen import collect_run
-    from pipeline.patchcore import PatchCoreScorer
-    from pipeline.sources import SyntheticSource
+    from pipeline.inference.bundle import read_manifest, write_manifest
+    from pipeline.inference.framescore import FrameScorer
+    from pipeline.inference.patchcore import PatchCoreScorer
+    from pipeline.service.daemon import Daemon
+    from pipeline.transport.listen import collect_run
 
     d = cfg.daemon
     step = d.frame_lines - d.overlap_lines

@@ -12,14 +12,14 @@ import pytest
 
 from calibration.bands import band_edges
 from calibration.thresholds import calibrate_thresholds, normal_maps_from_strip, synthetic_normal_frames
+from pipeline.acquisition.sources import SyntheticSource
+from pipeline.acquisition.synthetic import SyntheticStrip
 from pipeline.config import DaemonConfig, RuntimeConfig, ScoringConfig, SourceConfig
-from pipeline.daemon import Daemon
-from pipeline.defects import extract_defects, per_column
-from pipeline.framescore import FrameScorer
-from pipeline.messages import Frame
-from pipeline.patchcore import PatchCoreScorer
-from pipeline.sources import SyntheticSource
-from pipeline.synthetic import SyntheticStrip
+from pipeline.inference.framescore import FrameScorer
+from pipeline.inference.patchcore import PatchCoreScorer
+from pipeline.postprocess.defects import extract_defects, per_column
+from pipeline.service.daemon import Daemon
+from pipeline.transport.messages import Frame
 
 FRAME, OVERLAP, MM_PX, MM_LINE = 768, 384, 0.5, 5.0
 TARGET = 1000.0  # alarms per km: high enough to measure on a test-sized run (about 75 alarms)

@@ -10,10 +10,10 @@ import pytest
 from calibration.ensemble import EnsembleError, make_ensemble
 from calibration.evaluate import evaluate
 from export.fit import fit_bundle
-from pipeline.bundle import BundleError
+from pipeline.acquisition.images import list_images, read_image
 from pipeline.config import Config, KnnConfig, RuntimeConfig, ScoringConfig
-from pipeline.ensemble import EnsembleScorer, open_member
-from pipeline.images import list_images, read_image
+from pipeline.inference.bundle import BundleError
+from pipeline.inference.ensemble import EnsembleScorer, open_member
 
 EXACT = Config(runtime=RuntimeConfig(knn=KnnConfig(index="flat")))
 

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from calibration.flatfield import compute_flatfield, profile_cv, write_flatfield
+from pipeline.acquisition.flatfield import FlatField, FlatFieldError, load_flatfield
+from pipeline.acquisition.synthetic import LineCamera, SyntheticStrip, uniform_target
 from pipeline.config import RuntimeConfig, ScoringConfig
-from pipeline.flatfield import FlatField, FlatFieldError, load_flatfield
-from pipeline.framescore import FrameScorer
-from pipeline.patchcore import PatchCoreScorer
-from pipeline.synthetic import LineCamera, SyntheticStrip, uniform_target
+from pipeline.inference.framescore import FrameScorer
+from pipeline.inference.patchcore import PatchCoreScorer
 
 WIDTH = 256
 

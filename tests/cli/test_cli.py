@@ -108,10 +108,10 @@ def test_calibrate_flatfield_then_daemon_applies_it(
     import numpy as np
     import zmq
 
+    from pipeline.acquisition.sources import SyntheticSource
+    from pipeline.acquisition.synthetic import LineCamera, SyntheticStrip, uniform_target
     from pipeline.config import DaemonConfig, RuntimeConfig, ScoringConfig, SourceConfig
-    from pipeline.daemon import Daemon
-    from pipeline.sources import SyntheticSource
-    from pipeline.synthetic import LineCamera, SyntheticStrip, uniform_target
+    from pipeline.service.daemon import Daemon
 
     strip = SyntheticStrip(width=256, seed=3)
     cam = LineCamera.random(width=256, seed=5)
@@ -219,7 +219,7 @@ def test_calibrate_thresholds_writes_bands_into_the_bundle(
 ) -> None:
     import shutil
 
-    from pipeline.bundle import read_manifest
+    from pipeline.inference.bundle import read_manifest
 
     bundle = tmp_path / "b"
     shutil.copytree(strip_bundle, bundle)

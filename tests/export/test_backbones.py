@@ -8,7 +8,7 @@ import export.onnx_export as onnx_export
 from export.backbones import SPECS, BackboneError, build_feature_extractor
 from export.onnx_export import ExportError, ModelInfo, export_backbone
 from pipeline.config import BackboneConfig
-from pipeline.embed import OnnxEmbedder
+from pipeline.inference.embed import OnnxEmbedder
 
 
 def test_effnet_export_has_imagenet_weights_and_paper_layers(effnet_model_dir: Path) -> None:

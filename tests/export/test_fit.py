@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from export.fit import FitError, fit_bundle
-from pipeline.bundle import read_manifest
 from pipeline.config import Config, CoresetConfig, FitConfig
-from pipeline.patchcore import PatchCoreScorer
+from pipeline.inference.bundle import read_manifest
+from pipeline.inference.patchcore import PatchCoreScorer
 from tests.conftest import small_config
 
 

@@ -8,10 +8,10 @@ import pytest
 
 from calibration.evaluate import evaluate
 from export.svdd_fit import fit_msp
+from pipeline.acquisition.images import list_images, read_image
 from pipeline.config import Config, KnnConfig, MspConfig, RuntimeConfig
-from pipeline.images import list_images, read_image
-from pipeline.scoring import max_window_mean
-from pipeline.svdd import SvddScorer, patch_mean_map
+from pipeline.inference.scoring import max_window_mean
+from pipeline.inference.svdd import SvddScorer, patch_mean_map
 
 
 def test_max_window_mean_is_the_largest_mean_of_any_window() -> None:

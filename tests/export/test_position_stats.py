@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from export.fit import fit_bundle
-from pipeline.bundle import POSITION_STATS_FILE, BundleError, read_manifest
+from pipeline.acquisition.images import list_images, read_image
 from pipeline.config import (
     Config,
     ConfigError,
@@ -18,9 +18,9 @@ from pipeline.config import (
     ScoringConfig,
     parse_config,
 )
-from pipeline.images import list_images, read_image
-from pipeline.patchcore import PatchCoreScorer
-from pipeline.scoring import anomaly_map
+from pipeline.inference.bundle import POSITION_STATS_FILE, BundleError, read_manifest
+from pipeline.inference.patchcore import PatchCoreScorer
+from pipeline.inference.scoring import anomaly_map
 
 EXACT = RuntimeConfig(knn=KnnConfig(index="flat"))
 
@@ -69,7 +69,7 @@ def test_scorer_scores_images_by_their_largest_2x2_mean_position_z_score(
     np.testing.assert_allclose(r_map.anomaly_map, want, rtol=1e-5, atol=1e-5)  # "map": the map of z-scores
     # The line-scan path never uses them, even on a frame of the fitted size: strip rows are not
     # positions (its per-band thresholds are calibrated on raw scores).
-    from pipeline.framescore import FrameScorer
+    from pipeline.inference.framescore import FrameScorer
 
     framed = FrameScorer(scorer=zmap, tile=None, margin=0).score(image)
     assert framed.score == pytest.approx(r_raw.score)
@@ -90,7 +90,7 @@ def test_fit_skips_statistics_for_mixed_image_sizes(tmp_path: Path, effnet_model
 def test_bad_statistics_and_settings_are_one_clear_error(stats_bundle: Path, tmp_path: Path) -> None:
     import shutil
 
-    from pipeline.bundle import sha256_file, write_manifest
+    from pipeline.inference.bundle import sha256_file, write_manifest
 
     b = tmp_path / "b"
     shutil.copytree(stats_bundle, b)

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from calibration.evaluate import evaluate
-from pipeline.bundle import BundleError
+from pipeline.acquisition.images import read_image
 from pipeline.config import Config, KnnConfig, RuntimeConfig
-from pipeline.images import read_image
-from pipeline.svdd import SvddScorer, patch_mean_map
+from pipeline.inference.bundle import BundleError
+from pipeline.inference.svdd import SvddScorer, patch_mean_map
 from tests.conftest import loopback_daemon_config
 
 
@@ -64,8 +64,8 @@ def test_a_tampered_svdd_bundle_is_one_clear_error(svdd_bundle: Path, tmp_path: 
 
 
 def test_band_maps_equal_the_whole_frame_map_on_the_valid_rows(svdd_bundle: Path) -> None:
-    from pipeline.framescore import EncoderFrameScorer
-    from pipeline.synthetic import SyntheticStrip
+    from pipeline.acquisition.synthetic import SyntheticStrip
+    from pipeline.inference.framescore import EncoderFrameScorer
 
     scorer = SvddScorer.open(svdd_bundle, runtime=RuntimeConfig(knn=KnnConfig(index="flat")))
     fs = EncoderFrameScorer(scorer=scorer, tile=None)
@@ -89,12 +89,12 @@ def test_the_daemon_serves_an_svdd_bundle(svdd_bundle: Path) -> None:
     import zmq
 
     from calibration.thresholds import threshold_above_normal
+    from pipeline.acquisition.sources import SyntheticSource
+    from pipeline.acquisition.synthetic import SyntheticStrip
     from pipeline.config import ScoringConfig, SourceConfig
-    from pipeline.daemon import Daemon
-    from pipeline.framescore import EncoderFrameScorer
-    from pipeline.listen import collect_run
-    from pipeline.sources import SyntheticSource
-    from pipeline.synthetic import SyntheticStrip
+    from pipeline.inference.framescore import EncoderFrameScorer
+    from pipeline.service.daemon import Daemon
+    from pipeline.transport.listen import collect_run
 
     fs = EncoderFrameScorer(scorer=SvddScorer.open(svdd_bundle, runtime=RuntimeConfig()), tile=None)
     strip = SyntheticStrip(width=256, seed=1)
@@ -140,11 +140,11 @@ def test_thresholds_calibrated_for_an_encoder_bundle_drive_the_daemon(
 
     import zmq
 
+    from pipeline.acquisition.sources import SyntheticSource
     from pipeline.config import ScoringConfig, SourceConfig
-    from pipeline.daemon import Daemon
-    from pipeline.defects import per_column
-    from pipeline.sources import SyntheticSource
-    from pipeline.svdd import read_svdd_manifest
+    from pipeline.inference.svdd import read_svdd_manifest
+    from pipeline.postprocess.defects import per_column
+    from pipeline.service.daemon import Daemon
     from stripinspect.cli import main
 
     bundle = tmp_path / "b"

@@ -1,0 +1,181 @@
+"""PatchCore inference: the bundle's ONNX embedder and faiss bank wired to the pure scores."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from pipeline.config import RuntimeConfig, ScoringConfig
+from pipeline.inference.bundle import INDEX_FILE, MODEL_FILE, BundleError, Manifest, read_manifest
+from pipeline.inference.embed import MIN_SIDE, EmbedderError, OnnxEmbedder
+from pipeline.inference.knn import FaissIndex, KnnError
+from pipeline.inference.scoring import anomaly_map, max_window_mean, reweighted_image_score
+
+# Patch window of the image score under per-position normalisation (see score_features).
+POSITION_WINDOW = 2
+
+
+@dataclass(frozen=True)
+class ImageScore:
+    """Result for one image.
+
+    ``patch_scores``: float32 (h, w), distance of each patch to its nearest bank entry.
+    ``anomaly_map``: float32 (H, W) at the input image's size, smoothed.
+    ``score``: PatchCore's re-weighted image score (eq. 7), or the largest per-position z-score
+    where the bundle's normal statistics apply (``PatchCoreScorer``).
+    """
+
+    score: float
+    patch_scores: np.ndarray
+    anomaly_map: np.ndarray
+
+
+def resize_for_model(image: np.ndarray, scale: float) -> np.ndarray:
+    """Apply the bundle's resize factor; (H, W, C) uint8 in and out."""
+    if scale == 1.0:
+        return image
+    h, w = image.shape[:2]
+    size = (max(MIN_SIDE, round(w * scale)), max(MIN_SIDE, round(h * scale)))
+    out = cv2.resize(image, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+    return out.reshape(size[1], size[0], image.shape[2])
+
+
+class PatchCoreScorer:
+    """Scores images against a bundle. Construct with ``open``; checks every file on entry."""
+
+    def __init__(
+        self,
+        *,
+        manifest: Manifest,
+        embedder: OnnxEmbedder,
+        index: FaissIndex,
+        scoring: ScoringConfig,
+        position_stats: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> None:
+        self.manifest = manifest
+        # (median, MAD) per patch position, (h, w) float32 each, for images of the fitted size.
+        self.position_stats = position_stats if scoring.position_normalise != "none" else None
+        self.embedder = embedder
+        self.index = index
+        self.scoring = scoring
+        self.stride = manifest.features.stride
+        self.channels = manifest.input.channels
+        self.scale = manifest.input.scale
+        self.num_neighbors = min(scoring.num_neighbors, index.rows)
+
+    @classmethod
+    def open(cls, bundle_dir: Path, *, runtime: RuntimeConfig, scoring: ScoringConfig) -> PatchCoreScorer:
+        manifest = read_manifest(bundle_dir)
+        try:
+            embedder = OnnxEmbedder.for_runtime(
+                model_path=Path(bundle_dir) / MODEL_FILE,
+                embedding_dim=manifest.features.embedding_dim,
+                input_channels=manifest.input.channels,
+                runtime=runtime,
+            )
+            index = FaissIndex(
+                path=Path(bundle_dir) / INDEX_FILE,
+                dim=manifest.features.embedding_dim,
+                rows=manifest.index.rows,
+                threads=runtime.faiss_threads,
+                knn=runtime.knn,
+            )
+        except (EmbedderError, KnnError) as err:
+            raise BundleError(f"{bundle_dir}: {err}") from None
+        stats = None
+        if manifest.position_stats is not None:
+            stats = read_position_stats(Path(bundle_dir) / manifest.position_stats.file, manifest.position_stats.grid)
+        return cls(manifest=manifest, embedder=embedder, index=index, scoring=scoring, position_stats=stats)
+
+    def check_image(self, image: np.ndarray) -> np.ndarray:
+        """(H, W) or (H, W, C) uint8 -> (H, W, C); ValueError with the reason otherwise."""
+        if not isinstance(image, np.ndarray) or image.dtype != np.uint8:
+            raise ValueError(f"image must be uint8, got {getattr(image, 'dtype', type(image).__name__)}")
+        if image.ndim == 2:
+            image = image[:, :, None]
+        if image.ndim != 3 or image.shape[2] != self.channels:
+            raise ValueError(f"image shape {image.shape} does not have the bundle's {self.channels} channel(s)")
+        if image.shape[0] < MIN_SIDE or image.shape[1] < MIN_SIDE:
+            raise ValueError(f"image shape {image.shape} is smaller than {MIN_SIDE} x {MIN_SIDE}")
+        return image
+
+    def score(self, image: np.ndarray) -> ImageScore:
+        image = self.check_image(image)
+        height, width = image.shape[:2]
+        pixels = resize_for_model(image, self.scale)
+        feats = self.embedder.embed(pixels[None])[0]
+        return self.score_features(feats, model_hw=pixels.shape[:2], out_hw=(height, width))
+
+    def search_patches(
+        self, feats: np.ndarray, *, rank: Callable[[np.ndarray], np.ndarray] | None = None
+    ) -> tuple[np.ndarray, float]:
+        """Patch features (h, w, D) -> patch scores float32 (h, w) and the image score (eq. 7).
+        ``rank``: which scores the approximate search must make exact (``FaissIndex.search``)."""
+        gh, gw, dim = feats.shape
+        flat = feats.reshape(-1, dim)
+        if not np.isfinite(flat).all():
+            # A broken model or input; faiss would abort the process on NaN distances.
+            raise ValueError("patch features are not finite")
+        dist, ids = self.index.search(flat, 1, rank=rank)
+        patch = dist[:, 0].reshape(gh, gw)
+        worst = int(np.argmax(dist[:, 0]))
+        s_star = float(dist[worst, 0])
+        m_star = self.index.vectors[ids[worst, 0]]
+        # N_b(m*): the b bank entries nearest to m* (PatchCore eq. 7), m* itself included.
+        _, nb = self.index.search_exact(m_star[None], self.num_neighbors)
+        neighbour_d = np.linalg.norm(self.index.vectors[nb[0]] - flat[worst], axis=1)
+        return patch, reweighted_image_score(s_star, neighbour_d)
+
+    def score_features(
+        self, feats: np.ndarray, *, model_hw: tuple[int, int], out_hw: tuple[int, int], positional: bool = True
+    ) -> ImageScore:
+        """Patch features (h, w, D) of an image of ``model_hw`` pixels -> scores at ``out_hw``.
+        ``positional`` False ignores the per-position statistics (the line-scan daemon's frames
+        have no fixed rows)."""
+        height, width = out_hw
+        stats = self.position_stats if positional else None
+        if stats is None or stats[0].shape != feats.shape[:2]:
+            patch, score = self.search_patches(feats)
+            map_scores = patch
+        else:
+            # Robust z-score of each patch against normal images at the same position: a fixed
+            # camera view has positions that are rougher than others (edges, glare), and the
+            # image score should not be decided by the roughest normal position. The top
+            # z-scores decide here, so they are the ones the approximate search makes exact.
+            median, mad = stats
+            m, d = median.reshape(-1), mad.reshape(-1)
+            patch, _ = self.search_patches(feats, rank=lambda dist: (dist - m) / d)
+            z = (patch - median) / mad
+            # The largest mean over 2 x 2 patches rather than one patch: the 3 x 3 local
+            # aggregation spreads any real anomaly over several neighbouring patches, while a
+            # lone high z-score is mostly the noise of the per-position statistics.
+            score = max_window_mean(z, POSITION_WINDOW)
+            map_scores = z if self.scoring.position_normalise == "map" else patch
+        amap_scaled = anomaly_map(
+            map_scores, stride=self.stride, out_hw=model_hw, sigma=self.scoring.sigma * self.scale
+        )
+        amap = (
+            amap_scaled
+            if model_hw == (height, width)
+            else cv2.resize(amap_scaled, (width, height), interpolation=cv2.INTER_LINEAR)
+        )
+        return ImageScore(score=score, patch_scores=patch, anomaly_map=amap)
+
+
+def read_position_stats(path: Path, grid: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(median, MAD) float32 (h, w) from the bundle's npz (data only, no pickle); BundleError
+    naming what is wrong."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            median, mad = np.asarray(z["median"], np.float32), np.asarray(z["mad"], np.float32)
+    except (OSError, KeyError, ValueError) as err:
+        raise BundleError(f"{path}: unreadable position statistics: {err}") from None
+    if median.shape != tuple(grid) or mad.shape != tuple(grid):
+        raise BundleError(f"{path}: statistics of shape {median.shape}, manifest says {tuple(grid)}")
+    if not (np.isfinite(median).all() and np.isfinite(mad).all() and (mad > 0).all()):
+        raise BundleError(f"{path}: statistics are not finite or MAD is not positive")
+    return median, mad
