@@ -134,7 +134,13 @@ def test_drift_is_reported_against_the_calibration(strip_bundle: Path, tmp_path:
             self.inner.close()
 
     def run(seed: int, aged: bool = False) -> dict:
-        src = SourceConfig(block_lines=384, strip_lines=OVERLAP + 10 * (FRAME - OVERLAP), first_line=700_000)
+        src = SourceConfig(
+            block_lines=384,
+            line_rate_hz=None,
+            plant_defects=False,
+            strip_lines=OVERLAP + 10 * (FRAME - OVERLAP),
+            first_line=700_000,
+        )
         cfg = DaemonConfig(
             bundle=bundle,
             frame_lines=FRAME,
@@ -190,7 +196,7 @@ def test_reload_picks_up_recalibrated_band_thresholds(strip_bundle: Path, tmp_pa
         ).thresholds
 
     loose = calibrate(1000.0)
-    src = SourceConfig(block_lines=384, line_rate_hz=4000, strip_lines=None, first_line=0)
+    src = SourceConfig(block_lines=384, line_rate_hz=4000, plant_defects=False, strip_lines=None, first_line=0)
     ctx = zmq.Context()
     d = Daemon(
         cfg=DaemonConfig(

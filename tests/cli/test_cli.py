@@ -153,7 +153,7 @@ def test_calibrate_flatfield_then_daemon_applies_it(
         )
         == 2
     )
-    src = SourceConfig(block_lines=128, strip_lines=1024, first_line=0)
+    src = SourceConfig(block_lines=128, line_rate_hz=None, plant_defects=False, strip_lines=1024, first_line=0)
     cfg = DaemonConfig(
         bundle=strip_bundle,
         frame_lines=512,

@@ -24,7 +24,7 @@ class FlakyCamera:
     """Delivers strip, then nothing (pulled cable); reopening fails ``failures`` times first."""
 
     def __init__(self, *, stall_after_blocks: int, failures: int) -> None:
-        src = SourceConfig(block_lines=128, strip_lines=None, first_line=0)
+        src = SourceConfig(block_lines=128, line_rate_hz=None, plant_defects=False, strip_lines=None, first_line=0)
         self._inner = SyntheticSource(cfg=src, width=WIDTH, seed=3, frame_lines=FRAME)
         self.width, self.channels = WIDTH, 1
         self._left = stall_after_blocks
@@ -99,7 +99,9 @@ def test_a_stalled_camera_is_reported_offline_and_reopened_with_backoff(strip_bu
 
 def test_a_subscriber_that_never_reads_does_not_block_the_pipeline(strip_bundle: Path) -> None:
     step = FRAME - OVERLAP
-    src = SourceConfig(block_lines=128, strip_lines=OVERLAP + 20 * step, first_line=0)
+    src = SourceConfig(
+        block_lines=128, line_rate_hz=None, plant_defects=False, strip_lines=OVERLAP + 20 * step, first_line=0
+    )
     cfg = loopback_daemon_config(
         bundle=strip_bundle,
         frame_lines=FRAME,
@@ -159,7 +161,13 @@ def test_a_crashed_stage_stops_the_whole_daemon_and_marks_it_failed(strip_bundle
 
 
 def test_a_crash_in_the_embed_stage_also_fails_the_daemon(strip_bundle: Path) -> None:
-    src = SourceConfig(block_lines=128, strip_lines=OVERLAP + 10 * (FRAME - OVERLAP), first_line=0)
+    src = SourceConfig(
+        block_lines=128,
+        line_rate_hz=None,
+        plant_defects=False,
+        strip_lines=OVERLAP + 10 * (FRAME - OVERLAP),
+        first_line=0,
+    )
     cfg = loopback_daemon_config(
         bundle=strip_bundle,
         frame_lines=FRAME,
@@ -195,7 +203,7 @@ def test_a_bundle_fitted_on_other_channels_is_refused_at_start(strip_bundle: Pat
     manifest = json.loads((b / "manifest.json").read_text())
     manifest["input"]["channels"] = 3
     (b / "manifest.json").write_text(json.dumps(manifest))
-    src = SourceConfig(block_lines=128, strip_lines=768, first_line=0)
+    src = SourceConfig(block_lines=128, line_rate_hz=None, plant_defects=False, strip_lines=768, first_line=0)
     cfg = loopback_daemon_config(bundle=b)
     with pytest.raises(StripinspectError, match=r"camera delivers 1 channel\(s\), bundle .* was fitted on 3"):
         Daemon(
