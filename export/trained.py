@@ -22,14 +22,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from export.msp import DenseMsp, MspEncoder, MspTrainConfig, train_msp
+from export.msp import DenseMsp, MspEncoder, train_msp
 from export.svdd import (
     DenseSvdd,
     Encoder32,
     Encoder64,
     SvddError,
     SvddHistory,
-    SvddTrainConfig,
     plot_history,
     train_svdd,
 )
@@ -78,20 +77,19 @@ def train_encoder(
 ) -> TrainedEncoder:
     """Train ``backend`` on ``images`` (read from ``data``) with the config's settings."""
     section = cfg.svdd if backend == "svdd" else cfg.msp
-    # Every key of the config section but the bank size is a training setting of the same name.
-    training = section.model_dump(exclude={"bank_rows"})
     enc: nn.Module
     if backend == "svdd":
-        enc, hist = train_svdd(images, SvddTrainConfig(**training), progress=progress)
+        enc, hist = train_svdd(images, cfg.svdd, progress=progress)
     else:
-        enc, hist = train_msp(images, MspTrainConfig(**training), progress=progress)
+        enc, hist = train_msp(images, cfg.msp, progress=progress)
     return TrainedEncoder(
         backend=backend,
         encoder=enc,
         channels=images[0].shape[2],
         dim=section.dim,
         hist=hist,
-        training=training,
+        # A record of the settings it was trained with (the bank size is the fit's, not training's).
+        training=section.model_dump(mode="json", exclude={"bank_rows"}),
         images=len(images),
         data=str(data),
     )
