@@ -50,6 +50,11 @@ class TrainedEncoder:
     images: int
     data: str
 
+    @property
+    def final_ssl_accuracy(self) -> float:
+        """Mean SSL accuracy of the last 100 steps: how well the encoder tells patch positions apart."""
+        return float(np.mean(self.hist.ssl_accuracy[-100:]))
+
     def dense(self) -> nn.Module:
         """The dense form that is exported to ONNX: uint8 NHWC pixels -> code maps."""
         if self.backend == "svdd":
@@ -155,4 +160,13 @@ def load_encoder(path: Path, backend: Backend) -> TrainedEncoder:
         )
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
         raise SvddError(f"{path}: broken encoder file ({str(err).splitlines()[0][:120]})") from None
+    return te
+
+
+def train_to_file(*, backend: Backend, data: Path, out: Path, cfg: Config, progress: bool = True) -> TrainedEncoder:
+    """``stripinspect train``: read the images in ``data``, train ``backend`` on them with the
+    config's settings, and write the encoder file ``out`` (and its curves beside it)."""
+    images = read_training_images(data)
+    te = train_encoder(backend, images, data, cfg, progress=progress)
+    save_encoder(te, out)
     return te
