@@ -9,6 +9,8 @@ import cv2
 import numpy as np
 
 from pipeline.acquisition.edges import detect_edges, mm_per_line_from_encoder, mm_per_line_from_speed
+from pipeline.acquisition.images import read_image
+from pipeline.config import ConfigError
 
 
 def calibrate_scale(
@@ -54,3 +56,29 @@ def _profile_plot(profile: np.ndarray, edges: tuple[float, float], height: int =
     for e in edges:
         cv2.line(img, (round(e), 0), (round(e), height - 1), (0, 0, 220), 1)
     return img
+
+
+def calibrate_scale_from_files(
+    *,
+    target: Path | None,
+    target_width_mm: float | None,
+    mm_per_pulse: float | None,
+    divider: int | None,
+    line_rate_hz: float | None,
+    speed_m_per_min: float | None,
+    out_dir: Path,
+) -> dict[str, float | None]:
+    """``stripinspect calibrate scale``: ``calibrate_scale`` with the target read from its image
+    file; inconsistent arguments are a ConfigError of one line."""
+    try:
+        return calibrate_scale(
+            target=read_image(target, 1) if target is not None else None,
+            target_width_mm=target_width_mm,
+            mm_per_pulse=mm_per_pulse,
+            divider=divider,
+            line_rate_hz=line_rate_hz,
+            speed_m_per_min=speed_m_per_min,
+            out_dir=out_dir,
+        )
+    except ValueError as err:
+        raise ConfigError(f"calibrate scale: {err}") from None

@@ -33,11 +33,15 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from pipeline.config import SvddConfig
 from pipeline.errors import StripinspectError
 
 STRIDE32 = 4  # code stride of Encoder32 applied to an image
 # The 8 neighbours of the centre of a 3 x 3 grid, (row, column) in patch sides (Patch SVDD fig. 3).
 NEIGHBOURS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
+# Jitter of both losses' partner positions, px: K / 8 for the K = 64 patch (Patch SVDD sec. 3.2),
+# kept at both scales. Derived from the patch side, not a setting.
+JITTER = 64 // 8
 
 
 class SvddError(StripinspectError):
@@ -126,25 +130,6 @@ class PositionClassifier(nn.Module):
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return self.net(torch.cat([a, b], dim=1))
-
-
-@dataclass(frozen=True)
-class SvddTrainConfig:
-    """``lam``: weight of the SVDD' loss against the SSL loss (the paper raises it for textures)."""
-
-    dim: int = 64
-    lam: float = 1e-3
-    iterations: int = 3000
-    crops: int = 2  # images (one crop each) per step
-    crop: int = 224  # crop side: room for the 3 x 3 grid of 64 px patches and the jitter
-    samples: int = 100  # pairs per crop per loss per scale
-    lr: float = 1e-4
-    jitter_svdd: int = 8  # px: the SVDD' partner is this close
-    jitter_ssl: int = 8  # px: perturbation of the 3 x 3 grid positions (K / 8 for K = 64)
-    patience: int = 5  # evaluations (every 100 iterations) without 1 % improvement: stop (once learning)
-    seed: int = 0
-    device: str = "cpu"  # torch device for training ("cuda" for the GPU preset)
-    max_minutes: float | None = None  # wall-clock budget of the training loop; None: none
 
 
 @dataclass
@@ -272,7 +257,7 @@ def svdd_losses(
     c32: torch.Tensor,
     clf64: PositionClassifier,
     clf32: PositionClassifier,
-    cfg: SvddTrainConfig,
+    cfg: SvddConfig,
     rng: np.random.Generator,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """SVDD' and SSL summed over both scales, averaged over the crops, from the dense code maps
@@ -280,7 +265,7 @@ def svdd_losses(
     zero = torch.zeros((), device=c64.device)
     svdd, ssl, correct, count = zero, zero, 0, 0
     n, grid = cfg.samples, np.asarray(NEIGHBOURS)
-    j_svdd, j_ssl = max(1, round(cfg.jitter_svdd / STRIDE32)), round(cfg.jitter_ssl / STRIDE32)
+    j_svdd, j_ssl = max(1, round(JITTER / STRIDE32)), round(JITTER / STRIDE32)
     for k, maps, clf in ((64, c64, clf64), (32, c32, clf32)):
         for b in range(maps.shape[0]):
             codes = maps[b]
@@ -303,10 +288,9 @@ def svdd_losses(
     return svdd * per, ssl * per, correct / max(count, 1)
 
 
-def train_svdd(
-    images: list[np.ndarray], cfg: SvddTrainConfig, *, progress: bool = True
-) -> tuple[Encoder64, SvddHistory]:
-    """Train both scales (64 px hierarchical and its shared 32 px encoder) on ``images``."""
+def train_svdd(images: list[np.ndarray], cfg: SvddConfig, *, progress: bool = True) -> tuple[Encoder64, SvddHistory]:
+    """Train both scales (64 px hierarchical and its shared 32 px encoder) on ``images`` with the
+    config's ``svdd:`` section (every key but ``bank_rows``, which the bank fit reads)."""
     torch.manual_seed(cfg.seed)
     channels = images[0].shape[2] if images else 1
     rng = np.random.default_rng(cfg.seed)

@@ -451,8 +451,8 @@ class DaemonConfig(_Section):
 
 
 class _EncoderTraining(_Section):
-    """Settings both learned-encoder trainers share; every key but ``bank_rows`` is a training
-    setting of the same name (export.svdd.SvddTrainConfig, export.msp.MspTrainConfig)."""
+    """Settings both learned-encoder trainers share. The trainers (export.svdd.train_svdd,
+    export.msp.train_msp) take their section as it is; ``bank_rows`` is read by the bank fit."""
 
     dim: int = Field(default=64, ge=2, le=1024, description="Code dimension D.")
     crops: int = Field(default=2, ge=1, le=1024, description="Image crops per step (one image each).")
@@ -501,6 +501,10 @@ class MspConfig(_EncoderTraining):
         default=100, ge=1, le=100_000, description="Patches, pairs or triplets per crop per loss per scale."
     )
     clusters: int = Field(default=50, ge=2, le=100_000, description="k of the k-means loss.")
+    kmeans_every: int = Field(default=50, ge=1, le=1_000_000, description="Steps between centroid updates.")
+    cos_margin: float = Field(
+        default=0.1, ge=0, le=2, description="Margin of the cosine loss: near patch more similar than far by this."
+    )
     lr: float = Field(default=1e-3, gt=0, le=1, description="Adam learning rate.")
 
 
