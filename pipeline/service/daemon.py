@@ -340,11 +340,21 @@ class Daemon:
             self._health_thread.join()
         self._close.close()
 
+    def wait(self, timeout: float) -> bool:
+        """True once the pipeline has drained (the source ended) or ``stop`` was asked for;
+        waits at most ``timeout`` seconds for either."""
+        end = time.monotonic() + timeout
+        while self._threads and self._threads[0].is_alive() and not self.stop_event.is_set():
+            left = end - time.monotonic()
+            if left <= 0:
+                return False
+            self.stop_event.wait(min(0.1, left))
+        return True
+
     def run_until_done(self) -> None:
         """Until the source ends or ``stop``; then drain and close."""
         self.start()
-        publish = self._threads[0]
-        while publish.is_alive() and not self.stop_event.wait(0.1):
+        while not self.wait(1.0):
             pass
         self.stop()
         self.join()

@@ -48,12 +48,8 @@ class ModelSlot:
             raise StripinspectError(
                 f"camera delivers {channels} channel(s), bundle {cfg.bundle} was fitted on {fs.scorer.channels}"
             )
-        self._model = Model(
-            frame_scorer=fs,
-            threshold=self._threshold_for(fs, cfg),
-            cfg=cfg,
-            flatfield=self._flatfield(cfg),
-        )
+        flatfield = self._flatfield(cfg)  # a missing calibration file is named before a missing threshold
+        self._model = Model(frame_scorer=fs, threshold=self._threshold_for(fs, cfg), cfg=cfg, flatfield=flatfield)
         self._pending: dict[str, Any] = {}
         self._lock = threading.Lock()
 

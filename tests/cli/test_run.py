@@ -66,7 +66,7 @@ def test_sigterm_drains_and_exits_zero(tmp_path: Path, strip_bundle: Path) -> No
     assert stats["drops"] == {}
     assert stats["counts"]["frames_scored_total"] == stats["counts"]["frames_total"] >= 2
     # Prometheus metrics were served while running, with the project's prefix and units.
-    assert "stripinspect_frames_total" in metrics and "stripinspect_stage_latency_seconds{" in metrics
+    assert "stripinspect_frames_total" in metrics and "stripinspect_stage_latency_seconds_bucket{" in metrics
 
 
 def test_bad_bundle_exits_nonzero_with_one_line(tmp_path: Path) -> None:
