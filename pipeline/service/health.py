@@ -47,7 +47,8 @@ def watchdog_period_s(default: float = 1.0) -> float:
 
 
 class HealthLoop:
-    """Runs in its own thread until ``done`` is set: ``problems()`` empty -> WATCHDOG=1."""
+    """Runs in its own thread until ``done`` is set or a stage thread ends: ``problems()``
+    empty -> WATCHDOG=1."""
 
     def __init__(
         self,
@@ -72,9 +73,7 @@ class HealthLoop:
         ages = self._liveness.ages()
         for t in self._threads():
             name = t.name.removeprefix("stripinspect-")
-            if not t.is_alive():
-                out[name] = f"stage {name} has ended"
-            elif ages.get(name, 0.0) > self._stuck_s:
+            if ages.get(name, 0.0) > self._stuck_s:
                 out[name] = f"stage {name} stuck for {ages[name]:.1f} s"
         camera_age = time.monotonic() - self._camera_progress()
         if camera_age > self._stuck_s:
@@ -84,6 +83,10 @@ class HealthLoop:
     def run(self, done: threading.Event) -> None:
         reported: set[str] = set()
         while not done.wait(self._period_s):
+            if not all(t.is_alive() for t in self._threads()):
+                # Finishing: drained at the end of the source, stopping, or a stage crashed
+                # (logged and failing the process already). systemd stops its watchdog on stop.
+                return
             problems = self.problems()
             if not problems:
                 notify("WATCHDOG=1")

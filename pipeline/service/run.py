@@ -196,6 +196,8 @@ def run(cfg: Config, *, quiet: bool, log_json: bool, err: TextIO | None = None, 
                         console.update(daemon.snapshot(), time.monotonic())
                 daemon.stop()
                 daemon.join()
+                if console is not None:
+                    console.update(daemon.snapshot(), time.monotonic())  # the totals, drained
         finally:
             if server is not None:
                 server.shutdown()

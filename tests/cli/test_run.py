@@ -67,6 +67,9 @@ def test_sigterm_drains_and_exits_zero(tmp_path: Path, strip_bundle: Path) -> No
     # nothing in flight was lost.
     assert stats["drops"] == {}
     assert stats["counts"]["frames_scored_total"] == stats["counts"]["frames_total"] >= 2
+    # Not a terminal, not --quiet: a status line about once a second, one line each.
+    status = [line for line in err.splitlines() if " frames/s, " in line]
+    assert status and status[-1].startswith("stopped (camera online) | ") and "latency p50" in status[-1]
     # Prometheus metrics were served while running, with the project's prefix and units.
     assert "stripinspect_frames_total" in metrics and "stripinspect_stage_latency_seconds_bucket{" in metrics
 
