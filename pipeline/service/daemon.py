@@ -100,7 +100,7 @@ class Daemon:
                 slot=self.slot,
                 journal=self.journal,
                 replay_limit=cfg.journal.replay_limit,
-                status=self.status,
+                status=lambda: self.snapshot(alerts=False),
                 stop=self.stop,
             )
             self._control = ControlServer(
@@ -234,48 +234,28 @@ class Daemon:
 
     # --- reports -------------------------------------------------------------------------
 
-    def _state(self, drift: dict[str, Any]) -> str:
-        if self.state == "running" and not self.camera.online:
-            return "camera_offline"
-        if self.state == "running" and drift["drifting"]:
-            return "drift"
-        return self.state
-
-    def status(self) -> dict[str, Any]:
-        """The control socket's status reply (without ``ok``)."""
-        return {
-            "state": self.state,
-            "recipe": self.cfg.recipe,
-            "drift": self.drift(),
-            "camera": self.camera_status(),
-            **self.stats.snapshot(),
-        }
-
-    def snapshot(self) -> dict[str, Any]:
-        """Public view for a console or a supervisor: the heartbeat's state, counters, drops,
-        latency percentiles, camera, threshold and the last published alerts."""
+    def snapshot(self, *, alerts: bool = True) -> dict[str, Any]:
+        """The public view (status replies, heartbeats, a console): state, recipe, threshold,
+        drift, camera, counters, drops, latency percentiles and, with ``alerts``, the last
+        published alert headers."""
         drift = self.drift()
-        return {
-            "state": self._state(drift),
+        state = self.state
+        if state == "running" and not self.camera.online:
+            state = "camera_offline"
+        elif state == "running" and drift["drifting"]:
+            state = "drift"
+        out = {
+            "state": state,
             "recipe": self.cfg.recipe,
             "threshold": self.slot.threshold_json(),
             "drift": drift,
             "camera": self.camera_status(),
             **self.stats.snapshot(),
-            "recent_alerts": self._publish.recent_alerts(),
         }
+        return {**out, "recent_alerts": self._publish.recent_alerts()} if alerts else out
 
     def _heartbeat(self) -> dict[str, Any]:
-        drift = self.drift()
-        return {
-            "state": self._state(drift),
-            "frame_id": None,
-            "capture_time": None,
-            "threshold": self.slot.threshold_json(),
-            "drift": drift,
-            "camera": self.camera_status(),
-            **self.stats.snapshot(),
-        }
+        return {**self.snapshot(alerts=False), "frame_id": None, "capture_time": None}
 
     def _drained(self) -> None:
         self.state = "stopped"
