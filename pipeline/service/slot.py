@@ -30,6 +30,24 @@ class Model:
     cfg: DaemonConfig
     flatfield: FlatField | None
 
+    # The stages call the model through these three only, so a new scorer interface (a backend
+    # registry) changes this module and nothing else in the service.
+    def embed(self, pixels: np.ndarray) -> Any:
+        """(lines, width, C) uint8 -> the model's features, opaque to the caller; ValueError for
+        a frame the model cannot take (shape, dtype, channels)."""
+        fs = self.frame_scorer
+        return fs.features(fs.scorer.check_image(pixels))
+
+    def search(self, features: Any, *, valid: tuple[int, int], lines: int) -> tuple[Any, int]:
+        """kNN of the patch rows the ``valid`` pixel rows depend on: (band result, first patch
+        row); ValueError for features that cannot be searched (not finite)."""
+        band, first_row, _ = self.frame_scorer.search_band(features, valid=valid, lines=lines)
+        return band, first_row
+
+    def score_map(self, band: Any, first_row: int, *, out_hw: tuple[int, int]) -> np.ndarray:
+        """(lines, width) float32 pixel scores of a ``search`` result, 0 outside its band."""
+        return self.frame_scorer.band_map(band, first_row, out_hw=out_hw)
+
 
 class ModelSlot:
     """Load, warm up and hold the current ``Model``; ``reload``/``set_threshold``/

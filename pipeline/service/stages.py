@@ -204,9 +204,8 @@ class EmbedStage:
             t0 = time.perf_counter()
             pixels = item.pixels if model.flatfield is None else model.flatfield.apply(item.pixels)
             t1 = time.perf_counter()
-            fs = model.frame_scorer
             try:
-                feats = fs.features(fs.scorer.check_image(pixels))
+                feats = model.embed(pixels)
             except ValueError as err:
                 self.in_flight.release()
                 self.stats.drop("embed", "bad_frame")
@@ -264,17 +263,17 @@ class ScoreStage:
             put_waiting(self.out, END, flow=self.flow, name="score")
 
     def _score(self, item: Embedded) -> Scored | None:
-        frame, fs, cfg = item.frame, item.model.frame_scorer, item.model.cfg
+        frame, model, cfg = item.frame, item.model, item.model.cfg
         h, w = item.pixels.shape[:2]
         t0 = time.perf_counter()
         try:
-            patch, first_row, _ = fs.search_band(item.features, valid=(frame.valid_from, frame.valid_to), lines=h)
+            band, first_row = model.search(item.features, valid=(frame.valid_from, frame.valid_to), lines=h)
         except ValueError as err:
             self.stats.drop("score", "bad_frame")
             self._ratelog.warning("score", "frame %d skipped: %s", frame.frame_id, err)
             return None
         t1 = time.perf_counter()
-        amap = fs.band_map(patch, first_row, out_hw=(h, w))
+        amap = model.score_map(band, first_row, out_hw=(h, w))
         t2 = time.perf_counter()
         left = cfg.strip_edge_px
         edges = None
@@ -286,7 +285,7 @@ class ScoreStage:
         defects = extract_defects(
             amap,
             frame=frame,
-            threshold=item.model.threshold,
+            threshold=model.threshold,
             min_area_px=cfg.min_area_px,
             mm_per_px=cfg.mm_per_px,
             mm_per_line=cfg.mm_per_line,
@@ -301,7 +300,7 @@ class ScoreStage:
             defects=defects,
             max_score=float(valid.max()),
             end_md_m=frame.md_m + h * cfg.mm_per_line / 1000.0,
-            threshold=self.slot.threshold_json(item.model),
+            threshold=self.slot.threshold_json(model),
             score_map=valid if cfg.publish_maps else None,
             edges=edges,
             seconds={**item.seconds, "knn": t1 - t0, "map": t2 - t1, "defects": t3 - t2},
