@@ -388,6 +388,13 @@ class DaemonConfig(_Section):
     camera_backoff_max_s: float = Field(
         default=30.0, gt=0, le=3600, description="Reopen attempts back off by doubling up to this interval."
     )
+    stage_stuck_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=3600,
+        description="A stage loop (or the camera supervisor) that has not come round for this long is stuck: "
+        "the systemd watchdog is no longer fed, so systemd restarts the daemon WatchdogSec later.",
+    )
     recipes: dict[str, RecipeConfig] = Field(
         default_factory=dict, description="Named grades; the control socket switches between them at a coil change."
     )

@@ -112,55 +112,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    import logging
-    import signal
+    from pipeline.service.run import run
 
-    from pipeline.acquisition.sources import FolderSource, Source, SyntheticSource
-    from pipeline.service.daemon import Daemon
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = _config(args.config)
-    d = cfg.daemon
-    source: Source
-    if d.source.kind == "genicam":
-        from pipeline.acquisition.genicam import GenicamSource
-
-        source = GenicamSource(cfg=d.source.genicam)
-    elif d.source.kind == "video":
-        from pipeline.acquisition.sources import VideoSource
-
-        if d.source.video is None:
-            raise ConfigError("daemon.source.video is required for kind: video")
-        source = VideoSource(path=d.source.video)
-    elif d.source.kind == "folder":
-        if d.source.folder is None:
-            raise ConfigError("daemon.source.folder is required for kind: folder")
-        source = FolderSource(folder=d.source.folder, channels=1)
-    else:
-        source = SyntheticSource(
-            cfg=d.source, width=cfg.synthetic.width, seed=cfg.synthetic.seed, frame_lines=d.frame_lines
-        )
-    daemon = Daemon(cfg=d, runtime=cfg.runtime, scoring=cfg.scoring, source=source)
-    server = None
-    if d.metrics_port is not None:
-        from pipeline.service.metrics import serve_metrics
-
-        try:
-            server, _ = serve_metrics(daemon, port=d.metrics_port, addr=d.metrics_addr)
-        except OSError as err:
-            daemon.join(0.1)
-            raise ConfigError(f"daemon.metrics_port = {d.metrics_port}: cannot serve metrics: {err}") from None
-    signal.signal(signal.SIGTERM, lambda *_: daemon.stop())
-    signal.signal(signal.SIGINT, lambda *_: daemon.stop())
-    signal.signal(signal.SIGHUP, lambda *_: daemon._command("reload", {}))
-    logging.getLogger("stripinspect").info(
-        "running: PUB %s, control %s", daemon.publisher.endpoint, daemon.control_endpoint
-    )
-    daemon.run_until_done()
-    if server is not None:
-        server.shutdown()
-    print(json.dumps(daemon.stats.snapshot(), indent=2))
-    return 1 if daemon.failed is not None else 0
+    return run(_config(args.config), quiet=args.quiet, log_json=args.log_json)
 
 
 def _client_keys(args: argparse.Namespace) -> Any:
@@ -299,7 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     def with_config(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--config", type=Path, default=None, help="config file (default ./config.yaml)")
-        sp.add_argument("--quiet", action="store_true", help="no progress bars")
+        sp.add_argument(
+            "--quiet", action="store_true", help="no progress bars (run: only warnings, errors and the summary)"
+        )
 
     e = sub.add_parser("export", help="export the configured backbone to ONNX and verify it")
     with_config(e)
@@ -354,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="run the inspection daemon")
     with_config(r)
+    r.add_argument(
+        "--log-json", action="store_true", help="log one JSON object per line (services, journald); see --quiet"
+    )
     r.set_defaults(func=cmd_run)
 
     li = sub.add_parser("listen", help="print alerts from a running daemon as JSON lines; report sequence gaps")

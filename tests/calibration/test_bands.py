@@ -93,7 +93,7 @@ def test_calibrated_rate_holds_on_held_out_strip(strip_bundle: Path, tmp_path: P
         scoring=ScoringConfig(),
         source=SyntheticSource(cfg=src, width=256, seed=3, frame_lines=1024),
     )
-    assert d._threshold_json() == pytest.approx(result.thresholds, rel=1e-6)
+    assert d.slot.threshold_json() == pytest.approx(result.thresholds, rel=1e-6)
     d.join(1)
 
 
@@ -213,7 +213,7 @@ def test_reload_picks_up_recalibrated_band_thresholds(strip_bundle: Path, tmp_pa
         source=SyntheticSource(cfg=src, width=256, seed=3, frame_lines=FRAME),
         context=ctx,
     )
-    assert d._threshold_json() == pytest.approx(loose, rel=1e-6)
+    assert d.slot.threshold_json() == pytest.approx(loose, rel=1e-6)
     d.start()
     strict = calibrate(50.0)  # rewrites the bundle's manifest while the daemon runs
     assert strict != loose
@@ -224,11 +224,11 @@ def test_reload_picks_up_recalibrated_band_thresholds(strip_bundle: Path, tmp_pa
     req.send_json({"cmd": "reload"})
     assert req.recv_json()["ok"] is True
     for _ in range(80):
-        if d._threshold_json() == pytest.approx(strict, rel=1e-6):
+        if d.slot.threshold_json() == pytest.approx(strict, rel=1e-6):
             break
         threading.Event().wait(0.25)
     req.close(0)
     d.stop()
     d.join()
     ctx.term()
-    assert d._threshold_json() == pytest.approx(strict, rel=1e-6)
+    assert d.slot.threshold_json() == pytest.approx(strict, rel=1e-6)

@@ -172,7 +172,7 @@ def test_calibrate_flatfield_then_daemon_applies_it(
         source=SyntheticSource(cfg=src, width=256, seed=3, frame_lines=512),
         context=ctx,
     )
-    assert d.flatfield is not None
+    assert d.slot.current.flatfield is not None
     d.run_until_done()
     ctx.term()
     s = d.stats.snapshot()
