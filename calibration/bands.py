@@ -20,7 +20,7 @@ from itertools import pairwise
 
 import numpy as np
 
-from pipeline.postprocess.regions import band_of, find_regions
+from pipeline.postprocess.regions import band_of, region_columns
 
 
 def band_edges(width: int, n_bands: int) -> list[int]:
@@ -32,8 +32,8 @@ def band_edges(width: int, n_bands: int) -> list[int]:
 def count_alarms(score_map: np.ndarray, threshold: float | np.ndarray, min_area_px: int, lo: int, hi: int) -> int:
     """Regions of the map (``find_regions``: ``threshold`` one value or one per column) whose
     centroid column lies in [lo, hi): counted the way the daemon reports defects."""
-    found = find_regions(score_map, threshold=threshold, min_area_px=min_area_px)
-    return sum(lo <= r.column < hi for r in found.regions)
+    cols = region_columns(score_map, threshold=threshold, min_area_px=min_area_px)
+    return int(((cols >= lo) & (cols < hi)).sum())
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,7 @@ def calibrate_bands(
     cols = np.repeat(np.asarray(thresholds, np.float32), np.diff(edges))
     counts = np.zeros(n_bands, np.int64)
     for m in maps:
-        for region in find_regions(m, threshold=cols, min_area_px=min_area_px).regions:
-            counts[band_of(region.column, edges)] += 1
+        for c in region_columns(m, threshold=cols, min_area_px=min_area_px):
+            counts[band_of(int(c), edges)] += 1
     rates = [float(c) / metres * 1000.0 for c in counts]
     return BandCalibration(edges=edges, thresholds=thresholds, alarms_per_km=rates, quantiles=quantiles, curves=curves)

@@ -86,7 +86,7 @@ def evaluate(
     labels: list[bool] = []
     negatives: list[np.ndarray] = []
     regions: list[np.ndarray] = []
-    kept: list[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]] = []
+    kept: list[tuple[str, float, np.ndarray, np.ndarray, np.ndarray | None]] = []
     per_type_kept: dict[str, int] = {}
     seconds = 0.0
     rows = []
@@ -108,7 +108,7 @@ def evaluate(
         rows.append((str(item.path.relative_to(data)), item.defect_type, int(labels[-1]), result.score))
         if per_type_kept.get(item.defect_type, 0) < overlays_per_type:
             per_type_kept[item.defect_type] = per_type_kept.get(item.defect_type, 0) + 1
-            kept.append((f"{item.defect_type}_{item.path.stem}", image, result.anomaly_map, mask))
+            kept.append((f"{item.defect_type}_{item.path.stem}", result.score, image, result.anomaly_map, mask))
     neg = np.sort(np.concatenate(negatives))
     negatives.clear()
     pos = np.concatenate(regions) if regions else np.empty(0, np.float32)
@@ -130,9 +130,15 @@ def evaluate(
     vmin = float(np.quantile(neg, 0.5))
     vmax = float(np.quantile(neg, 0.999999)) if neg.size else 1.0
     vmax = max(vmax, float(pos.max()) if pos.size else vmax)
-    for name, image, amap, gt in kept:
+    for name, score, image, amap, gt in kept:
         plot_overlay(
-            overlay_dir / f"{name}.png", image=image, score_map=amap, mask=gt, vmin=vmin, vmax=vmax, title=name
+            overlay_dir / f"{name}.png",
+            image=image,
+            score_map=amap,
+            mask=gt,
+            vmin=vmin,
+            vmax=vmax,
+            title=f"{name}: image score {score:.3g} (green: ground truth)",
         )
     scores, is_defect = np.asarray(image_scores), np.asarray(labels)
     _, best_t = best_f1_threshold(scores, is_defect)

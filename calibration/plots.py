@@ -15,6 +15,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 DPI = 100
 _LABEL_BOX = {"facecolor": "white", "edgecolor": "none", "alpha": 0.85, "pad": 1.5}
@@ -56,7 +57,7 @@ def plot_band_curves(
         if curves[k]:
             t, r = np.asarray(curves[k]).T
             ax.plot(t, r, color=colour, lw=1.5, label=f"band {k}: columns {edges[k]}-{edges[k + 1] - 1}")
-        ax.plot([thresholds[k]], [rates[k]], "o", color=colour, ms=6, mec="black", mew=0.6)
+        ax.plot([thresholds[k]], [rates[k]], "o", color=colour, ms=6, mec="black", mew=0.6, clip_on=False, zorder=3)
     ax.axhline(target_share, color="grey", ls="--", lw=1, label=f"budget per band {target_share:g} /km")
     # Rates reach 0 at high thresholds: linear below a tenth of the budget, logarithmic above.
     ax.set_yscale("symlog", linthresh=max(target_share / 10, 1e-3))
@@ -150,6 +151,7 @@ def plot_score_histogram(
         ax.axvline(threshold, color="black", ls="--", lw=1, label=f"{threshold_label} {threshold:.3g}")
     ax.set_xlabel(what)
     ax.set_ylabel("images" if what.startswith("image") else "count")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(f"{what[0].upper()}{what[1:]}s, normal and defective")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small")
@@ -161,8 +163,8 @@ def plot_roc(path: Path, *, fpr: np.ndarray, tpr: np.ndarray, auc: float, what: 
     ax = fig.add_subplot()
     ax.plot(fpr, tpr, color="tab:red", lw=1.5, drawstyle="default", label=f"{what} AUROC {auc:.3f}")
     ax.plot([0, 1], [0, 1], color="grey", ls=":", lw=1, label="chance")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.01)
+    ax.set_xlim(-0.02, 1.02)  # a little room, so that a perfect curve on the edges stays visible
+    ax.set_ylim(-0.02, 1.02)
     ax.set_aspect("equal")
     ax.set_xlabel("false positive rate")
     ax.set_ylabel("true positive rate")

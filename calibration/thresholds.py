@@ -130,9 +130,10 @@ def labelled_report(
     scorer: PatchCoreScorer | SvddScorer, items: list[TestImage], *, columns: np.ndarray, min_area_px: int
 ) -> dict[str, float | int]:
     """Where labelled images exist: the per-image false-positive rate on normal ones and the
-    detection rate (an alarm touching the ground truth) on defective ones at the calibrated
-    per-column thresholds, and the image-level threshold on the max score that would maximise
-    F1 (for reference; calibration never needs defect samples)."""
+    detection rate (an alarm, a region by ``pipeline.postprocess.regions``, touching the ground
+    truth) on defective ones at the calibrated per-column thresholds, and the image-level
+    threshold on the max score that would maximise F1 (for reference; calibration never needs
+    defect samples)."""
     maxima, labels, false_pos, detected, n_good, n_bad = [], [], 0, 0, 0, 0
     for it in tqdm(items, desc="labelled report", unit="img"):
         img = read_image(it.path, scorer.channels)

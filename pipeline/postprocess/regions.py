@@ -66,17 +66,8 @@ def find_regions(
     ``threshold``: one value or float (width,); ``first_rows``: (from, to), keep only regions
     whose first row lies in [from, to) (a frame's valid rows); None keeps all rows.
     """
-    if score_map.ndim != 2:
-        raise ValueError(f"score map must be (lines, width), got {score_map.shape}")
-    if min_area_px < 1:
-        raise ValueError(f"min_area_px must be >= 1, got {min_area_px}")
     per_col = column_thresholds(threshold, score_map.shape[1])
-    hot = (score_map > per_col[None, :]).astype(np.uint8)
-    n, labels, stats, centroids = cv2.connectedComponentsWithStats(hot, connectivity=CONNECTIVITY)
-    keep = np.flatnonzero(stats[1:, cv2.CC_STAT_AREA] >= min_area_px) + 1
-    if first_rows is not None:
-        top = stats[keep, cv2.CC_STAT_TOP]
-        keep = keep[(top >= first_rows[0]) & (top < first_rows[1])]
+    n, labels, stats, centroids, keep = _components(score_map, per_col, min_area_px, first_rows)
     # Relabel so that the label image holds the counted regions only, numbered 1..len(keep).
     lut = np.zeros(n, np.int32)
     lut[keep] = np.arange(1, keep.size + 1, dtype=np.int32)
@@ -105,6 +96,38 @@ def find_regions(
             )
         )
     return Regions(labels=labels, regions=tuple(out))
+
+
+def region_columns(
+    score_map: np.ndarray,
+    *,
+    threshold: float | np.ndarray,
+    min_area_px: int,
+    first_rows: tuple[int, int] | None = None,
+) -> np.ndarray:
+    """``Region.column`` of every region ``find_regions`` returns, int (n,), without the pixel
+    statistics: for counting regions by band, thousands of times in a calibration."""
+    per_col = column_thresholds(threshold, score_map.shape[1])
+    _, _, _, centroids, keep = _components(score_map, per_col, min_area_px, first_rows)
+    return np.minimum(centroids[keep, 0].astype(np.int64), per_col.size - 1)
+
+
+def _components(
+    score_map: np.ndarray, per_col: np.ndarray, min_area_px: int, first_rows: tuple[int, int] | None
+) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The rule itself: (label count, labels, stats, centroids) of OpenCV's connected
+    components of the hot pixels, and the labels of the regions that count."""
+    if score_map.ndim != 2:
+        raise ValueError(f"score map must be (lines, width), got {score_map.shape}")
+    if min_area_px < 1:
+        raise ValueError(f"min_area_px must be >= 1, got {min_area_px}")
+    hot = (score_map > per_col[None, :]).astype(np.uint8)
+    n, labels, stats, centroids = cv2.connectedComponentsWithStats(hot, connectivity=CONNECTIVITY)
+    keep = np.flatnonzero(stats[1:, cv2.CC_STAT_AREA] >= min_area_px) + 1
+    if first_rows is not None:
+        top = stats[keep, cv2.CC_STAT_TOP]
+        keep = keep[(top >= first_rows[0]) & (top < first_rows[1])]
+    return n, labels, stats, centroids, keep
 
 
 def band_of(column: int, edges: list[int]) -> int:

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from pipeline.postprocess.regions import band_of, find_regions, per_column
+from pipeline.postprocess.regions import band_of, find_regions, per_column, region_columns
 
 
 def test_planted_rectangles_come_back_with_their_stats() -> None:
@@ -81,3 +81,28 @@ def test_band_of() -> None:
     assert [band_of(c, [0, 10, 20]) for c in (0, 9, 10, 19)] == [0, 0, 1, 1]
     with pytest.raises(ValueError):
         band_of(20, [0, 10, 20])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_maps_match_a_scipy_reference(seed: int) -> None:
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    amap = rng.random((48, 64)).astype(np.float32)
+    cols = per_column([0, 20, 64], [0.7, 0.8])
+    found = find_regions(amap, threshold=cols, min_area_px=3)
+    ref, n = ndimage.label(amap > cols[None, :], structure=np.ones((3, 3)))
+    expected = []
+    for k in range(1, n + 1):
+        ys, xs = np.nonzero(ref == k)
+        if ys.size >= 3:
+            v = amap[ys, xs]
+            box = (int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1))
+            expected.append((box, ys.size, float(v.max()), float(v.mean(dtype=np.float64)), int(xs.mean())))
+    got = sorted((r.box, r.area_px, r.peak, r.mean, r.column) for r in found.regions)
+    assert len(got) == len(expected) > 5
+    for g, e in zip(got, sorted(expected), strict=True):
+        assert g[:3] == e[:3] and g[3] == pytest.approx(e[3], rel=1e-9) and g[4] == e[4]
+    # The counting path sees the same regions.
+    counted = region_columns(amap, threshold=cols, min_area_px=3)
+    assert sorted(counted.tolist()) == sorted(r.column for r in found.regions)
