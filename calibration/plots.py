@@ -112,22 +112,30 @@ def plot_scale_profile(path: Path, *, profile: np.ndarray, edges: tuple[float, f
 
 def plot_loss_curves(path: Path, curves: Mapping[str, Sequence[float]], *, smooth: int = 50) -> Path:
     """Training curves, one panel each (the terms differ by orders of magnitude): every step
-    faint, the running mean over ``smooth`` steps on top."""
+    faint and the running mean over ``smooth`` steps on top (fewer on a short run, a fifth of
+    it; none under 15 steps, where every step is drawn plainly)."""
     shown = {name: np.asarray(c, dtype=np.float64) for name, c in curves.items() if len(c)}
+    steps_max = max((c.size for c in shown.values()), default=0)
+    window = min(smooth, steps_max // 5)
     fig = _figure(7.0, 1.2 + 1.6 * max(1, len(shown)))
     axes = fig.subplots(max(1, len(shown)), 1, sharex=True, squeeze=False)[:, 0]
     for ax, (name, c) in zip(axes, shown.items(), strict=False):
         steps = np.arange(1, c.size + 1)
-        ax.plot(steps, c, color="tab:blue", lw=0.5, alpha=0.35)
-        if c.size >= smooth:
+        if window >= 3 and c.size >= window:
+            ax.plot(steps, c, color="tab:blue", lw=0.5, alpha=0.35)
             # The mean of each window drawn at the window's centre, so it does not lag the data.
-            mid = (smooth - 1) // 2
-            mean = np.convolve(c, np.ones(smooth) / smooth, mode="valid")
+            mid = (window - 1) // 2
+            mean = np.convolve(c, np.ones(window) / window, mode="valid")
             ax.plot(steps[mid : mid + mean.size], mean, color="tab:blue", lw=1.5)
+        else:
+            ax.plot(steps, c, color="tab:blue", lw=1.2, marker="." if c.size <= 50 else None)
         ax.set_ylabel(name)
         ax.grid(True, alpha=0.3)
     axes[-1].set_xlabel("training step")
-    axes[0].set_title(f"Training curves (faint: every step; bold: mean over {smooth} steps)")
+    if window >= 3:
+        axes[0].set_title(f"Training curves (faint: every step; bold: mean over {window} steps)")
+    else:
+        axes[0].set_title("Training curves (every step)")
     return _save(fig, path)
 
 

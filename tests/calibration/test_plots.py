@@ -60,6 +60,8 @@ def test_loss_curves_one_panel_per_term(tmp_path: Path) -> None:
     }
     img = _png(plots.plot_loss_curves(tmp_path / "loss.png", curves))
     assert img.shape == (int(100 * (1.2 + 1.6 * 4)), 700, 3) and _coloured(img) > 500
+    short = _png(plots.plot_loss_curves(tmp_path / "short.png", {k: v[:6] for k, v in curves.items()}))
+    assert short.shape == img.shape and _coloured(short) > 300  # six steps: drawn plainly, not faint
 
 
 def test_histogram_and_roc(tmp_path: Path) -> None:
