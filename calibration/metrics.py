@@ -27,7 +27,11 @@ def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
 
 
 def label_regions(mask: np.ndarray) -> tuple[int, np.ndarray]:
-    """8-connected defect regions of a bool mask: (count, int32 labels with 0 = background)."""
+    """8-connected defect regions of a bool mask: (count, int32 labels with 0 = background).
+
+    The ground truth's regions for AUPRO as MVTec AD defines them (every annotated component,
+    however small), not the alarm rule of ``pipeline.postprocess.regions``, which thresholds
+    scores and drops regions under the minimum area."""
     n, lab = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
     return n - 1, lab
 
