@@ -10,12 +10,13 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 from tqdm import tqdm
 
-from calibration.bands import band_edges, calibrate_bands, plot_curves
+from calibration.bands import band_edges, calibrate_bands
 from calibration.evaluate import TestImage
+from calibration.metrics import best_f1_threshold
+from calibration.plots import plot_band_curves
 from pipeline.acquisition.flatfield import FlatField
 from pipeline.acquisition.images import read_image, read_mask
 from pipeline.acquisition.linescan import LineAssembler
@@ -25,6 +26,7 @@ from pipeline.inference.bundle import BandThresholds, read_manifest, write_manif
 from pipeline.inference.framescore import AnyFrameScorer
 from pipeline.inference.patchcore import PatchCoreScorer
 from pipeline.inference.svdd import SvddScorer, is_svdd_bundle, read_svdd_manifest
+from pipeline.postprocess.regions import find_regions
 from pipeline.transport.messages import LineBlock
 
 
@@ -115,7 +117,14 @@ def calibrate_thresholds(
         + "\n",
         encoding="utf-8",
     )
-    cv2.imwrite(str(out_dir / "thresholds.png"), plot_curves(cal, target_per_km / n_bands))
+    plot_band_curves(
+        out_dir / "thresholds.png",
+        edges=cal.edges,
+        curves=cal.curves,
+        thresholds=cal.thresholds,
+        rates=cal.alarms_per_km,
+        target_share=target_per_km / n_bands,
+    )
     return result
 
 
@@ -123,16 +132,15 @@ def labelled_report(
     scorer: PatchCoreScorer | SvddScorer, items: list[TestImage], *, columns: np.ndarray, min_area_px: int
 ) -> dict[str, float | int]:
     """Where labelled images exist: the per-image false-positive rate on normal ones and the
-    detection rate (an alarm touching the ground truth) on defective ones at the calibrated
-    per-column thresholds, and the image-level threshold on the max score that would maximise
-    F1 (for reference; calibration never needs defect samples)."""
+    detection rate (an alarm, a region by ``pipeline.postprocess.regions``, touching the ground
+    truth) on defective ones at the calibrated per-column thresholds, and the image-level
+    threshold on the max score that would maximise F1 (for reference; calibration never needs
+    defect samples)."""
     maxima, labels, false_pos, detected, n_good, n_bad = [], [], 0, 0, 0, 0
     for it in tqdm(items, desc="labelled report", unit="img"):
         img = read_image(it.path, scorer.channels)
         amap = scorer.score(img).anomaly_map
-        hot = (amap > columns[None, :]).astype(np.uint8)
-        _, lab, stats, _ = cv2.connectedComponentsWithStats(hot, connectivity=8)
-        alarm = np.isin(lab, np.flatnonzero(stats[1:, cv2.CC_STAT_AREA] >= min_area_px) + 1)
+        alarm = find_regions(amap, threshold=columns, min_area_px=min_area_px).labels > 0
         maxima.append(float(amap.max()))
         if it.mask_path is None:
             n_good += 1
@@ -142,14 +150,7 @@ def labelled_report(
             n_bad += 1
             detected += bool((alarm & read_mask(it.mask_path, img.shape[:2])).any())
             labels.append(1)
-    scores, y = np.asarray(maxima), np.asarray(labels)
-    best_f1, best_t = 0.0, float("nan")
-    for t in np.unique(scores):
-        pred = scores >= t
-        tp, fp, fn = int((pred & (y == 1)).sum()), int((pred & (y == 0)).sum()), int((~pred & (y == 1)).sum())
-        f1 = 2 * tp / max(1, 2 * tp + fp + fn)
-        if f1 > best_f1:
-            best_f1, best_t = f1, float(t)
+    best_f1, best_t = best_f1_threshold(np.asarray(maxima), np.asarray(labels))
     return {
         "normal_images": n_good,
         "defect_images": n_bad,

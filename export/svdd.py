@@ -26,7 +26,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -319,33 +318,15 @@ def train_svdd(images: list[np.ndarray], cfg: SvddConfig, *, progress: bool = Tr
     return enc64.cpu().eval(), hist
 
 
-def plot_history(hist: SvddHistory, path: Path, size: tuple[int, int] = (640, 360)) -> None:
-    """Loss curves (total, SVDD', SSL, and cosine and k-means where trained; smoothed over 50
-    iterations, each scaled to its own maximum, since the terms differ by orders of magnitude)
-    as a PNG, drawn with OpenCV."""
-    w, h = size
-    img = np.full((h, w, 3), 255, np.uint8)
-    curves = [(hist.loss, (0, 0, 0)), (hist.svdd, (200, 80, 0)), (hist.ssl, (0, 0, 200))]
-    label = "loss (black), SVDD' (blue), SSL (red)"
+def plot_history(hist: SvddHistory, path: Path) -> None:
+    """Loss curves as a PNG (``calibration.plots``, one panel per term since they differ by
+    orders of magnitude): total, SVDD', SSL and its accuracy, and cosine and k-means where trained."""
+    from calibration.plots import plot_loss_curves  # matplotlib only when curves are drawn
+
+    curves = {"loss": hist.loss, "SVDD'": hist.svdd, "SSL": hist.ssl, "SSL accuracy": hist.ssl_accuracy}
     if hist.cos:
-        curves += [(hist.cos, (0, 150, 0)), (hist.kmeans, (160, 0, 160))]
-        label += ", cosine (green), k-means (purple)"
-    k = 50
-    smooth = [np.convolve(c, np.ones(k) / k, mode="valid") if len(c) >= k else np.asarray(c) for c, _ in curves]
-    n = max((len(s) for s in smooth), default=1)
-    for s, (_, colour) in zip(smooth, curves, strict=True):
-        if len(s) < 2:
-            continue
-        pts = np.array(
-            [
-                (int(20 + i / max(n - 1, 1) * (w - 40)), int(h - 20 - v / (float(s.max()) or 1.0) * (h - 40)))
-                for i, v in enumerate(s)
-            ],
-            np.int32,
-        )
-        cv2.polylines(img, [pts], False, colour, 2)
-    cv2.putText(img, label, (24, 24), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (60, 60, 60), 1)
-    cv2.imwrite(str(path), img)
+        curves |= {"cosine": hist.cos, "k-means": hist.kmeans}
+    plot_loss_curves(path, curves)
 
 
 class DenseSvdd(nn.Module):

@@ -75,7 +75,9 @@ def run_demo(*, cfg: Config, out: Path, progress: bool = True, steps: int = 24) 
         f"\nimage AUROC {metrics['image_auroc']:.3f}  pixel AUROC {metrics['pixel_auroc']:.3f}  "
         f"AUPRO {metrics['pixel_aupro']:.3f}  ({ms:.0f} ms per frame)"
     )
-    print(f"overlays: {out / 'overlays'}  metrics: {out / 'metrics.json'}")
+    print(
+        f"overlays: {out / 'overlays'}  charts: {out / 'scores.png'} {out / 'roc.png'}  metrics: {out / 'metrics.json'}"
+    )
     metrics["daemon"] = run_daemon_demo(cfg=cfg, bundle=out / "bundle", steps=steps)
     print(f"total {time.perf_counter() - t0:.0f} s")
     return metrics

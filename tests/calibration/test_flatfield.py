@@ -39,9 +39,11 @@ def test_uniform_target_profile_flat_to_one_percent(tmp_path: Path) -> None:
     np.testing.assert_array_equal(o2, offset)
     np.testing.assert_array_equal(g2, gain)
     png = cv2.imread(str(tmp_path / "flatfield.png"))
-    assert png is not None and png.shape[1] == WIDTH
-    # three curves drawn: red (before), green (after), blue (dark)
-    assert (png[:, :, 2] > 200).sum() > WIDTH // 2 and ((png[:, :, 1] > 120) & (png[:, :, 0] < 50)).sum() > WIDTH // 2
+    assert png is not None
+    # three curves drawn (matplotlib's tab: colours): red (before), green (after), blue (dark)
+    b, g, r = (png[:, :, c].astype(int) for c in range(3))
+    assert ((r > 180) & (g < 80)).sum() > WIDTH and ((g > 120) & (r < 80)).sum() > WIDTH // 2
+    assert ((b > 150) & (r < 80)).sum() > WIDTH // 2
 
 
 @pytest.mark.parametrize(

@@ -209,8 +209,7 @@ def test_calibrate_scale(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert result["mm_per_px"] == pytest.approx(0.5, rel=0.01) and result["mm_per_line"] == pytest.approx(0.5)
     png = cv2.imread(str(tmp_path / "s" / "scale.png"))
     assert png is not None
-    red = np.flatnonzero(((png[:, :, 2] > 200) & (png[:, :, 1] < 50)).any(axis=0))
-    assert abs(red.min() - 149.5) <= 1.5 and abs(red.max() - 449.5) <= 1.5  # the edges are drawn where found
+    assert abs(result["target_left_px"] - 149.5) <= 1.5 and abs(result["target_right_px"] - 449.5) <= 1.5
     assert main(["calibrate", "scale", "--line-rate", "1000", "--out", str(tmp_path / "s")]) == 2
 
 
