@@ -129,13 +129,14 @@ class AcquireStage:
         self.camera.start()
         while not stop.is_set():
             live.beat("acquire")
-            t0 = time.perf_counter()
             try:
                 block, resumed = self.camera.read(timeout=WAIT_S)
             except EOFError:
                 break
             if block is None:
                 continue
+            # From the block's arrival: the wait for the camera is line time, not work.
+            t0 = time.perf_counter()
             if resumed:
                 self.assembler.reset()  # lines across the outage are gone; start a new sequence
             frames = self._assemble(block)
