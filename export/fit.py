@@ -26,7 +26,7 @@ from pipeline.inference.bundle import (
     FittedOn,
     IndexSpec,
     InputSpec,
-    Manifest,
+    PatchCoreManifest,
     PositionStats,
     sha256_file,
     write_manifest,
@@ -59,7 +59,9 @@ def prepare_model(cfg: Config, out: Path, model_dir: Path | None) -> ModelInfo:
     return ModelInfo.read(out / MODEL_INFO_FILE)
 
 
-def fit_bundle(*, data: Path, out: Path, cfg: Config, model_dir: Path | None = None, progress: bool = True) -> Manifest:
+def fit_bundle(
+    *, data: Path, out: Path, cfg: Config, model_dir: Path | None = None, progress: bool = True
+) -> PatchCoreManifest:
     """Embed every image in ``data`` through the ONNX session, select the coreset, write the bundle."""
     t0 = time.perf_counter()
     files = list_images(data)
@@ -142,8 +144,9 @@ def fit_bundle(*, data: Path, out: Path, cfg: Config, model_dir: Path | None = N
         )
     index = build_index(bank, cfg.fit.index)
     write_index(index, out / INDEX_FILE)
-    manifest = Manifest(
+    manifest = PatchCoreManifest(
         schema_version=SCHEMA_VERSION,
+        kind="patchcore",
         created_utc=dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         input=InputSpec(channels=channels, mean=info.input_mean, std=info.input_std, scale=scale),  # type: ignore[arg-type]
         features=FeatureSpec(

@@ -101,7 +101,7 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
         bundles=args.bundles, normal=args.normal, out=args.out, cfg=cfg, every=args.every, progress=not args.quiet
     )
     print(
-        f"ensemble {args.out}: {len(m.members)} members, normal-score statistics from {m.normal_images} images of "
+        f"ensemble {args.out}: {len(m.members)} members, normal-score statistics from {m.fitted_on.images} images of "
         f"{args.normal}"
     )
     return 0
@@ -312,7 +312,7 @@ def cmd_calibrate_thresholds(args: argparse.Namespace) -> int:
     from pipeline.acquisition.flatfield import FlatField
     from pipeline.acquisition.images import list_images, read_image
     from pipeline.acquisition.synthetic import SyntheticStrip
-    from pipeline.inference.framescore import open_frame_scorer
+    from pipeline.inference.backends import open_frame_scorer
 
     cfg = _config(args.config)
     d = cfg.daemon

@@ -29,7 +29,8 @@ from pipeline.acquisition.linescan import BadBlockError, LineAssembler
 from pipeline.acquisition.sources import Source
 from pipeline.config import DaemonConfig, RuntimeConfig, ScoringConfig
 from pipeline.errors import StripinspectError
-from pipeline.inference.framescore import AnyFrameScorer, open_frame_scorer
+from pipeline.inference.backends import open_frame_scorer
+from pipeline.inference.framescore import AnyFrameScorer
 from pipeline.postprocess.defects import extract_defects, per_column
 from pipeline.service.ratelog import RateLimitedLog
 from pipeline.service.systemd import notify
