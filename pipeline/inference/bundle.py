@@ -15,7 +15,7 @@ import hashlib
 import json
 import struct
 from pathlib import Path
-from typing import Annotated, Final, Literal
+from typing import Annotated, Final, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
@@ -213,9 +213,11 @@ class EnsembleManifest(ManifestBase):
     members: tuple[MemberSpec, ...] = Field(min_length=2)
 
 
-BundleManifest = Annotated[PatchCoreManifest | EncoderManifest | EnsembleManifest, Field(discriminator="kind")]
-_SCHEMA: TypeAdapter[PatchCoreManifest | EncoderManifest | EnsembleManifest] = TypeAdapter(BundleManifest)
-KINDS: tuple[str, ...] = ("patchcore", "patch_svdd", "multiscale_patch", "ensemble")
+AnyManifest = PatchCoreManifest | EncoderManifest | EnsembleManifest
+# The schema: the kind-specific part chosen by ``kind`` (a pydantic discriminated union).
+BundleManifest = Annotated[AnyManifest, Field(discriminator="kind")]
+_SCHEMA: TypeAdapter[AnyManifest] = TypeAdapter(BundleManifest)
+KINDS: tuple[str, ...] = tuple(k for m in get_args(AnyManifest) for k in get_args(m.model_fields["kind"].annotation))
 
 
 def sha256_file(path: Path) -> str:
@@ -231,7 +233,7 @@ def member_path(ensemble_dir: Path, bundle: str) -> Path:
     return p if p.is_absolute() else Path(ensemble_dir) / p
 
 
-def read_manifest(bundle_dir: Path) -> PatchCoreManifest | EncoderManifest | EnsembleManifest:
+def read_manifest(bundle_dir: Path) -> AnyManifest:
     """The one verifier of any bundle: parse ``manifest.json`` against the schema, then check
     every listed file (bare name, present, sha256) and the shapes the data files declare
     (faiss banks: rows and dims; ensembles: the member manifests they were made with).
@@ -308,30 +310,40 @@ def _flat_index_shape(path: Path) -> tuple[int, int]:
     return int(rows), int(dim)
 
 
+# The three shapes schema 1 had, by their ``kind`` (PatchCore had none): what the bundle was,
+# the command that writes it again, and where its manifest kept the data it was fitted on.
+_V1_SHAPES: dict[object, tuple[str, str, tuple[str, ...]]] = {
+    None: ("a PatchCore bundle", "stripinspect fit --data {data} --out {out}", ("fitted_on", "data")),
+    "patch_svdd": (
+        "a Patch SVDD bundle",
+        "stripinspect fit --backend svdd --data {data} --out {out}",
+        ("training", "fitted_on"),
+    ),
+    "multiscale_patch": (
+        "a multi-scale bundle",
+        "stripinspect fit --backend msp --data {data} --out {out}",
+        ("training", "fitted_on"),
+    ),
+    "ensemble": (
+        "an ensemble",
+        "stripinspect ensemble --bundles {members} --normal {data} --out {out}",
+        ("normal_data",),
+    ),
+}
+
+
 def _refit_line(bundle_dir: Path, data: dict[str, object]) -> str:
-    """One line for a bundle of schema 1 (three shapes: PatchCore without a kind, learned
-    encoders, ensembles): its version and the command that writes it again."""
-
-    def get(d: object, *keys: str) -> str:
-        for k in keys:
-            d = d.get(k) if isinstance(d, dict) else None
-        return str(d) if isinstance(d, str) else "DATA"
-
-    kind = data.get("kind")
-    if kind == "ensemble":
-        raw = data.get("members")
-        members = [m.get("bundle", "BUNDLE") for m in raw if isinstance(m, dict)] if isinstance(raw, list) else []
-        cmd = (
-            f"stripinspect ensemble --bundles {' '.join(map(str, members)) or 'BUNDLE BUNDLE'} "
-            f"--normal {get(data, 'normal_data')} --out {bundle_dir}"
-        )
-    elif kind in ("patch_svdd", "multiscale_patch"):
-        backend = "svdd" if kind == "patch_svdd" else "msp"
-        cmd = f"stripinspect fit --backend {backend} --data {get(data, 'training', 'fitted_on')} --out {bundle_dir}"
-    else:
-        cmd = f"stripinspect fit --data {get(data, 'fitted_on', 'data')} --out {bundle_dir}"
-    names = {"patch_svdd": "a Patch SVDD bundle", "multiscale_patch": "a multi-scale bundle", "ensemble": "an ensemble"}
-    what = names.get(kind, "a PatchCore bundle") if isinstance(kind, str) else "a PatchCore bundle"
+    """One line for a bundle of schema 1: its version, what it was and the command that
+    writes it again (with the data folder its manifest names, where it names one)."""
+    what, command, data_key = _V1_SHAPES.get(data.get("kind"), _V1_SHAPES[None])
+    found: object = data
+    for key in data_key:
+        found = found.get(key) if isinstance(found, dict) else None
+    raw = data.get("members")
+    members = [str(m.get("bundle")) for m in raw if isinstance(m, dict)] if isinstance(raw, list) else []
+    cmd = command.format(
+        data=found if isinstance(found, str) else "DATA", out=bundle_dir, members=" ".join(members) or "BUNDLE ..."
+    )
     return (
         f"bundle {bundle_dir}: manifest schema 1 ({what} written before stripinspect {SCHEMA_SINCE}); "
         f"refit it with '{cmd}'"
