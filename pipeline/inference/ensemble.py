@@ -64,7 +64,6 @@ class EnsembleScorer:
     to one bundle, not an ensemble)."""
 
     scale = 1.0
-    kind = ENSEMBLE_KIND
 
     def __init__(self, *, manifest: EnsembleManifest, members: list[Backend]) -> None:
         channels = {m.channels for m in members}
@@ -73,6 +72,7 @@ class EnsembleScorer:
         if manifest.input.channels not in channels:
             raise BundleError(f"ensemble manifest says {manifest.input.channels} channel(s), members take {channels}")
         self.manifest = manifest
+        self.kind = manifest.kind
         self.members = members
         self.channels = members[0].channels
 

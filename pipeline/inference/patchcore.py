@@ -58,8 +58,6 @@ class PatchCoreScorer:
     """Scores images against a PatchCore bundle (a ``backends.Backend``). Opened by
     ``backends.open_backend``, which verifies every file first."""
 
-    kind = "patchcore"
-
     def __init__(
         self,
         *,
@@ -70,6 +68,7 @@ class PatchCoreScorer:
         position_stats: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> None:
         self.manifest = manifest
+        self.kind = manifest.kind
         # (median, MAD) per patch position, (h, w) float32 each, for images of the fitted size.
         self.position_stats = position_stats if scoring.position_normalise != "none" else None
         self.embedder = embedder
