@@ -12,16 +12,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 from tqdm import tqdm
 
 from calibration.metrics import (
     auroc,
     auroc_from_sorted,
+    best_f1_threshold,
     label_regions,
     pro_auc_from_regions,
+    roc_curve,
 )
+from calibration.plots import plot_overlay, plot_roc, plot_score_histogram
 from pipeline.acquisition.images import ImageReadError, list_images, read_image, read_mask
 from pipeline.config import Config
 from pipeline.errors import StripinspectError
@@ -61,19 +63,6 @@ def find_test_images(data: Path) -> list[TestImage]:
     return items
 
 
-def overlay(image: np.ndarray, amap: np.ndarray, mask: np.ndarray | None, vmin: float, vmax: float) -> np.ndarray:
-    """BGR picture: the image, the heat map blended on it, the mask outline in green."""
-    rgb = np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image
-    norm = np.clip((amap - vmin) / max(vmax - vmin, 1e-12), 0.0, 1.0)
-    heat = cv2.applyColorMap((norm * 255).astype(np.uint8), cv2.COLORMAP_JET)
-    base = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
-    blend = cv2.addWeighted(base, 0.55, heat, 0.45, 0.0)
-    if mask is not None and mask.any():
-        contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-        cv2.drawContours(blend, contours, -1, (0, 255, 0), 1)
-    return np.concatenate([base, blend], axis=1)
-
-
 def evaluate(
     *, bundle: Path, data: Path, out: Path, cfg: Config, overlays_per_type: int = 4, progress: bool = True
 ) -> dict[str, object]:
@@ -87,7 +76,7 @@ def evaluate(
     labels: list[bool] = []
     negatives: list[np.ndarray] = []
     regions: list[np.ndarray] = []
-    kept: list[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]] = []
+    kept: list[tuple[str, float, np.ndarray, np.ndarray, np.ndarray | None]] = []
     per_type_kept: dict[str, int] = {}
     seconds = 0.0
     rows = []
@@ -109,7 +98,7 @@ def evaluate(
         rows.append((str(item.path.relative_to(data)), item.defect_type, int(labels[-1]), result.score))
         if per_type_kept.get(item.defect_type, 0) < overlays_per_type:
             per_type_kept[item.defect_type] = per_type_kept.get(item.defect_type, 0) + 1
-            kept.append((f"{item.defect_type}_{item.path.stem}", image, result.anomaly_map, mask))
+            kept.append((f"{item.defect_type}_{item.path.stem}", result.score, image, result.anomaly_map, mask))
     neg = np.sort(np.concatenate(negatives))
     negatives.clear()
     pos = np.concatenate(regions) if regions else np.empty(0, np.float32)
@@ -131,8 +120,27 @@ def evaluate(
     vmin = float(np.quantile(neg, 0.5))
     vmax = float(np.quantile(neg, 0.999999)) if neg.size else 1.0
     vmax = max(vmax, float(pos.max()) if pos.size else vmax)
-    for name, image, amap, gt in kept:
-        cv2.imwrite(str(overlay_dir / f"{name}.png"), overlay(image, amap, gt, vmin, vmax))
+    for name, score, image, amap, gt in kept:
+        plot_overlay(
+            overlay_dir / f"{name}.png",
+            image=image,
+            score_map=amap,
+            mask=gt,
+            vmin=vmin,
+            vmax=vmax,
+            title=f"{name}: image score {score:.3g} (green: ground truth)",
+        )
+    scores, is_defect = np.asarray(image_scores), np.asarray(labels)
+    _, best_t = best_f1_threshold(scores, is_defect)
+    plot_score_histogram(
+        out.parent / "scores.png",
+        scores=scores,
+        labels=is_defect,
+        threshold=best_t,
+        threshold_label="best-F1 threshold",
+    )
+    fpr, tpr = roc_curve(scores, is_defect)
+    plot_roc(out.parent / "roc.png", fpr=fpr, tpr=tpr, auc=float(metrics["image_auroc"]))  # type: ignore[arg-type]
     with open(out.parent / "scores.csv", "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["image", "type", "label", "score"])

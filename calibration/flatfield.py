@@ -10,10 +10,12 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 
+from calibration.plots import plot_flatfield
 from pipeline.acquisition.flatfield import FlatFieldError
+from pipeline.acquisition.images import list_images, read_image
+from pipeline.config import ConfigError
 
 
 @dataclass(frozen=True)
@@ -109,17 +111,29 @@ def write_flatfield(
     before = w.mean(axis=0)
     after = np.clip((w - offset) * gain, 0, 255).mean(axis=0)
     dark_prof = dark.reshape(dark.shape[0], -1).astype(np.float32).mean(axis=0)
-    cv2.imwrite(str(out_dir / "flatfield.png"), _plot([before, after, dark_prof]))
+    plot_flatfield(out_dir / "flatfield.png", white_before=before, white_after=after, dark=dark_prof)
     return path
 
 
-def _plot(curves: list[np.ndarray], height: int = 300) -> np.ndarray:
-    """Column profiles as a picture: white before (red), after (green), dark (blue)."""
-    width = curves[0].size
-    img = np.full((height, max(width, 64), 3), 255, np.uint8)
-    colours = [(0, 0, 220), (0, 160, 0), (200, 80, 0)]
-    for curve, colour in zip(curves, colours, strict=True):
-        y = (height - 1 - np.clip(curve, 0, 255) / 255.0 * (height - 1)).astype(np.int32)
-        pts = np.stack([np.arange(width), y], axis=1).astype(np.int32)
-        cv2.polylines(img, [pts], False, colour, 1)
-    return img
+def read_line_stack(path: Path) -> np.ndarray:
+    """A reference as one stack of lines (lines, width) uint8: an image file, or every image of a
+    folder (name order) one below the other, read as mono."""
+    files = list_images(path) if path.is_dir() else [path]
+    if not files:
+        raise ConfigError(f"{path}: no reference images")
+    return np.concatenate([read_image(f, 1)[:, :, 0] for f in files])
+
+
+@dataclass(frozen=True)
+class FlatFieldCalibration:
+    path: Path  # flatfield.npz; flatfield.json and flatfield.png beside it
+    report: FlatFieldReport
+
+
+def calibrate_flatfield(*, dark: Path, white: Path, out_dir: Path, max_noise: float) -> FlatFieldCalibration:
+    """``stripinspect calibrate flatfield``: read the dark and white references (files or
+    folders), compute the per-column offset and gain, write them with their report and plot."""
+    dark_lines, white_lines = read_line_stack(dark), read_line_stack(white)
+    offset, gain, report = compute_flatfield(dark_lines, white_lines, max_noise=max_noise)
+    path = write_flatfield(out_dir, offset, gain, report, dark_lines, white_lines)
+    return FlatFieldCalibration(path=path, report=report)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import cv2
 import numpy as np
 
+from calibration.plots import plot_scale_profile
 from pipeline.acquisition.edges import detect_edges, mm_per_line_from_encoder, mm_per_line_from_speed
+from pipeline.acquisition.images import read_image
+from pipeline.config import ConfigError
 
 
 def calibrate_scale(
@@ -33,7 +35,7 @@ def calibrate_scale(
         result["mm_per_px"] = target_width_mm / (edges[1] - edges[0])
         result["target_left_px"], result["target_right_px"] = edges
         profile = target.reshape(target.shape[0], target.shape[1], -1).mean(axis=(0, 2))
-        cv2.imwrite(str(out_dir / "scale.png"), _profile_plot(profile, edges))
+        plot_scale_profile(out_dir / "scale.png", profile=profile, edges=edges, width_mm=target_width_mm)
     if mm_per_pulse is not None or divider is not None:
         if mm_per_pulse is None or divider is None:
             raise ValueError("encoder scale needs both mm per pulse and the divider")
@@ -46,11 +48,27 @@ def calibrate_scale(
     return result
 
 
-def _profile_plot(profile: np.ndarray, edges: tuple[float, float], height: int = 200) -> np.ndarray:
-    width = profile.size
-    img = np.full((height, max(width, 64), 3), 255, np.uint8)
-    y = (height - 1 - np.clip(profile, 0, 255) / 255.0 * (height - 1)).astype(np.int32)
-    cv2.polylines(img, [np.stack([np.arange(width), y], axis=1).astype(np.int32)], False, (0, 0, 0), 1)
-    for e in edges:
-        cv2.line(img, (round(e), 0), (round(e), height - 1), (0, 0, 220), 1)
-    return img
+def calibrate_scale_from_files(
+    *,
+    target: Path | None,
+    target_width_mm: float | None,
+    mm_per_pulse: float | None,
+    divider: int | None,
+    line_rate_hz: float | None,
+    speed_m_per_min: float | None,
+    out_dir: Path,
+) -> dict[str, float | None]:
+    """``stripinspect calibrate scale``: ``calibrate_scale`` with the target read from its image
+    file; inconsistent arguments are a ConfigError of one line."""
+    try:
+        return calibrate_scale(
+            target=read_image(target, 1) if target is not None else None,
+            target_width_mm=target_width_mm,
+            mm_per_pulse=mm_per_pulse,
+            divider=divider,
+            line_rate_hz=line_rate_hz,
+            speed_m_per_min=speed_m_per_min,
+            out_dir=out_dir,
+        )
+    except ValueError as err:
+        raise ConfigError(f"calibrate scale: {err}") from None

@@ -7,21 +7,25 @@ import datetime as dt
 import json
 import math
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 from tqdm import tqdm
 
-from calibration.bands import band_edges, calibrate_bands, plot_curves
+from calibration.bands import band_edges, calibrate_bands
 from calibration.evaluate import TestImage
+from calibration.metrics import best_f1_threshold
+from calibration.plots import plot_band_curves
 from pipeline.acquisition.flatfield import FlatField
 from pipeline.acquisition.images import read_image, read_mask
 from pipeline.acquisition.linescan import LineAssembler
 from pipeline.acquisition.synthetic import SyntheticStrip
+from pipeline.config import Config, ConfigError
 from pipeline.inference.backends import Backend
 from pipeline.inference.bundle import BandThresholds, read_manifest, write_manifest
 from pipeline.inference.framescore import AnyFrameScorer
+from pipeline.postprocess.regions import find_regions
 from pipeline.transport.messages import LineBlock
 
 
@@ -112,7 +116,14 @@ def calibrate_thresholds(
         + "\n",
         encoding="utf-8",
     )
-    cv2.imwrite(str(out_dir / "thresholds.png"), plot_curves(cal, target_per_km / n_bands))
+    plot_band_curves(
+        out_dir / "thresholds.png",
+        edges=cal.edges,
+        curves=cal.curves,
+        thresholds=cal.thresholds,
+        rates=cal.alarms_per_km,
+        target_share=target_per_km / n_bands,
+    )
     return result
 
 
@@ -120,16 +131,15 @@ def labelled_report(
     scorer: Backend, items: list[TestImage], *, columns: np.ndarray, min_area_px: int
 ) -> dict[str, float | int]:
     """Where labelled images exist: the per-image false-positive rate on normal ones and the
-    detection rate (an alarm touching the ground truth) on defective ones at the calibrated
-    per-column thresholds, and the image-level threshold on the max score that would maximise
-    F1 (for reference; calibration never needs defect samples)."""
+    detection rate (an alarm, a region by ``pipeline.postprocess.regions``, touching the ground
+    truth) on defective ones at the calibrated per-column thresholds, and the image-level
+    threshold on the max score that would maximise F1 (for reference; calibration never needs
+    defect samples)."""
     maxima, labels, false_pos, detected, n_good, n_bad = [], [], 0, 0, 0, 0
     for it in tqdm(items, desc="labelled report", unit="img"):
         img = read_image(it.path, scorer.channels)
         amap = scorer.score(img).anomaly_map
-        hot = (amap > columns[None, :]).astype(np.uint8)
-        _, lab, stats, _ = cv2.connectedComponentsWithStats(hot, connectivity=8)
-        alarm = np.isin(lab, np.flatnonzero(stats[1:, cv2.CC_STAT_AREA] >= min_area_px) + 1)
+        alarm = find_regions(amap, threshold=columns, min_area_px=min_area_px).labels > 0
         maxima.append(float(amap.max()))
         if it.mask_path is None:
             n_good += 1
@@ -139,14 +149,7 @@ def labelled_report(
             n_bad += 1
             detected += bool((alarm & read_mask(it.mask_path, img.shape[:2])).any())
             labels.append(1)
-    scores, y = np.asarray(maxima), np.asarray(labels)
-    best_f1, best_t = 0.0, float("nan")
-    for t in np.unique(scores):
-        pred = scores >= t
-        tp, fp, fn = int((pred & (y == 1)).sum()), int((pred & (y == 0)).sum()), int((~pred & (y == 1)).sum())
-        f1 = 2 * tp / max(1, 2 * tp + fp + fn)
-        if f1 > best_f1:
-            best_f1, best_t = f1, float(t)
+    best_f1, best_t = best_f1_threshold(np.asarray(maxima), np.asarray(labels))
     return {
         "normal_images": n_good,
         "defect_images": n_bad,
@@ -155,3 +158,81 @@ def labelled_report(
         "best_f1": best_f1,
         "best_f1_image_threshold": best_t,
     }
+
+
+@dataclass(frozen=True)
+class ThresholdCalibration:
+    """What ``calibrate_thresholds_from_config`` measured and wrote."""
+
+    result: BandThresholds  # written into the bundle's manifest; thresholds.json, .png in the out folder
+    metres: float  # normal strip the thresholds were calibrated on
+    labelled: dict[str, float | int] | None  # labelled_report, also in labelled.json; None: not asked for
+
+
+def calibrate_thresholds_from_config(
+    *,
+    cfg: Config,
+    bundle: Path,
+    out_dir: Path,
+    bands: int,
+    alarms_per_km: float,
+    min_area_mm2: float,
+    data: Path | None = None,
+    frames: int = 40,
+    first_line: int = 3_000_000,
+    labelled: Path | None = None,
+    progress: bool = True,
+) -> ThresholdCalibration:
+    """``stripinspect calibrate thresholds``: score normal strip through the daemon's frame scorer
+    and flat-field (the images in ``data``, or ``frames`` frames of the configured synthetic strip
+    from ``first_line``), calibrate per-band thresholds for ``alarms_per_km`` into ``bundle``, and
+    where a ``labelled`` MVTec-layout folder is given, report how they do on it."""
+    from calibration.evaluate import find_test_images
+    from pipeline.acquisition.images import list_images
+    from pipeline.inference.backends import open_frame_scorer
+    from pipeline.postprocess.defects import per_column
+
+    d = cfg.daemon
+    fs = open_frame_scorer(bundle, runtime=cfg.runtime, scoring=cfg.scoring, tile=d.tile, margin=d.tile_margin)
+    normal: Iterable[tuple[np.ndarray, int, int]]
+    if data is not None:
+        files = list_images(data)
+        if not files:
+            raise ConfigError(f"{data}: no normal images")
+        images = [read_image(f, fs.scorer.channels) for f in files]
+        normal = ((im, 0, im.shape[0]) for im in images)
+        width, total = images[0].shape[1], len(images)
+        source = f"folder {data} ({len(files)} images)"
+    else:
+        strip = SyntheticStrip(width=cfg.synthetic.width, seed=cfg.synthetic.seed)
+        normal = synthetic_normal_frames(
+            strip, first_line=first_line, frames=frames, frame_lines=d.frame_lines, overlap=d.overlap_lines
+        )
+        width, total = cfg.synthetic.width, frames
+        source = f"synthetic strip seed {cfg.synthetic.seed}, {frames} frames from line {first_line}"
+    ff = None if d.flatfield is None else FlatField.from_file(d.flatfield, width=width)
+    maps = normal_maps_from_strip(fs, normal, flatfield=ff, progress=progress, total=total)
+    metres = sum(m.shape[0] for m in maps) * d.mm_per_line / 1000
+    result = calibrate_thresholds(
+        bundle=bundle,
+        maps=maps,
+        metres=metres,
+        n_bands=bands,
+        target_per_km=alarms_per_km,
+        min_area_mm2=min_area_mm2,
+        mm_per_px=d.mm_per_px,
+        mm_per_line=d.mm_per_line,
+        calibrated_on=source,
+        out_dir=out_dir,
+    )
+    report = None
+    if labelled is not None:
+        min_area_px = max(1, math.ceil(min_area_mm2 / (d.mm_per_px * d.mm_per_line)))
+        report = labelled_report(
+            fs.scorer,
+            find_test_images(labelled),
+            columns=per_column(result.band_edges_px, result.thresholds),
+            min_area_px=min_area_px,
+        )
+        (out_dir / "labelled.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return ThresholdCalibration(result=result, metres=metres, labelled=report)

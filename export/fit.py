@@ -1,4 +1,5 @@
-"""Fit a memory bank on normal images and write a bundle (PatchCore, sec. 3.2)."""
+"""Fit a memory bank on normal images and write a bundle (PatchCore, sec. 3.2); ``fit`` is the one
+entry for every backend (the learned patch encoders are fitted in export/svdd_fit.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import datetime as dt
 import math
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from tqdm import tqdm
@@ -22,6 +25,7 @@ from pipeline.inference.bundle import (
     POSITION_STATS_FILE,
     SCHEMA_VERSION,
     CoresetSpec,
+    EncoderManifest,
     FeatureSpec,
     FittedOn,
     IndexSpec,
@@ -237,4 +241,54 @@ def _position_stats(
         folds=folds,
         images=len(grids),
         median_of_medians=float(np.median(median)),
+    )
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """What ``fit`` wrote: the bundle's manifest and a one-line summary of it for the operator."""
+
+    manifest: PatchCoreManifest | EncoderManifest
+    summary: str
+
+
+def fit(
+    *,
+    backend: Literal["patchcore", "svdd", "msp"],
+    data: Path,
+    out: Path,
+    cfg: Config,
+    model_dir: Path | None = None,
+    encoder: Path | None = None,
+    progress: bool = True,
+) -> FitResult:
+    """The one entry that fits a bundle of any backend: PatchCore (``model_dir``: an exported
+    backbone, default export now) or a learned patch encoder (``encoder``: a file from
+    ``stripinspect train``, default train now)."""
+    if backend in ("svdd", "msp"):
+        from export.svdd_fit import fit_msp, fit_svdd
+
+        sm = (fit_svdd if backend == "svdd" else fit_msp)(
+            data=data, out=out, cfg=cfg, encoder=encoder, progress=progress
+        )
+        t = sm.training
+        name = "Patch SVDD" if backend == "svdd" else "multi-scale patch encoders"
+        how = "trained" if encoder is None else f"from {encoder}, trained"
+        return FitResult(
+            manifest=sm,
+            summary=(
+                f"bundle {out}: {name} {how} {t['steps']} steps in {t['train_seconds']} s "
+                f"(SSL accuracy {t['final_ssl_accuracy']}), banks {[s.rows for s in sm.scales]} rows, "
+                f"{t['fit_seconds']} s in all; loss curves in {out / 'loss.png'}"
+            ),
+        )
+    if encoder is not None:
+        raise FitError("--encoder is for --backend svdd or msp (PatchCore takes --model)")
+    m = fit_bundle(data=data, out=out, cfg=cfg, model_dir=model_dir, progress=progress)
+    return FitResult(
+        manifest=m,
+        summary=(
+            f"bundle {out}: {m.fitted_on.images} images, {m.coreset.patches_seen} patches -> "
+            f"{m.index.rows} bank rows ({m.features.embedding_dim} dims) in {m.fitted_on.fit_seconds:.1f} s"
+        ),
     )

@@ -45,6 +45,7 @@ from export.svdd import (
     check_device,
     gather,
 )
+from pipeline.config import MspConfig
 
 STRIDE = 4  # code stride of every scale on the dense maps
 SCALES = (64, 32, 16)
@@ -111,28 +112,6 @@ class MspEncoder(nn.Module):
         return head(grid, dilation=1)[:, :, 0, 0]
 
 
-@dataclass(frozen=True)
-class MspTrainConfig:
-    """``lam`` weights SVDD' and the cosine loss, ``kmeans_weight`` the k-means loss, against
-    the SSL loss."""
-
-    dim: int = 64
-    lam: float = 1.0
-    kmeans_weight: float = 1.0
-    iterations: int = 1500
-    crops: int = 2  # images (one crop each) per step
-    crop: int = 224  # crop side: room for a 64 px patch and its partners 1.5 x 64 px away
-    samples: int = 100  # patches, pairs or triplets per crop per loss per scale
-    clusters: int = 50  # k of the k-means loss
-    kmeans_every: int = 50  # steps between centroid updates
-    cos_margin: float = 0.1
-    lr: float = 1e-3
-    patience: int = 5  # evaluations (every 100 steps) without 1 % improvement: stop (once learning)
-    seed: int = 0
-    device: str = "cpu"  # torch device for training ("cuda" for the GPU preset)
-    max_minutes: float | None = None  # wall-clock budget of the training loop; None: none
-
-
 def _offsets_cells(kind: str, k: int, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray | None]:
     """Offsets in code cells (4 px) of ``n`` partners for scale ``k``; labels for the SSL task."""
     cells = k / STRIDE
@@ -176,7 +155,7 @@ def msp_losses(
     enc: MspEncoder,
     classifiers: nn.ModuleDict,
     crops: torch.Tensor,
-    cfg: MspTrainConfig,
+    cfg: MspConfig,
     state: MspState,
     rng: np.random.Generator,
 ) -> tuple[dict[str, torch.Tensor], float]:
@@ -223,10 +202,9 @@ def msp_losses(
     return {name: v * per for name, v in total.items()}, correct / max(count, 1)
 
 
-def train_msp(
-    images: list[np.ndarray], cfg: MspTrainConfig, *, progress: bool = True
-) -> tuple[MspEncoder, SvddHistory]:
-    """Train the three scales on ``images``; seeded (same data and config give the same encoder)."""
+def train_msp(images: list[np.ndarray], cfg: MspConfig, *, progress: bool = True) -> tuple[MspEncoder, SvddHistory]:
+    """Train the three scales on ``images`` with the config's ``msp:`` section (every key but
+    ``bank_rows``, which the bank fit reads); seeded (same data and config give the same encoder)."""
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)

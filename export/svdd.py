@@ -26,18 +26,21 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from pipeline.config import SvddConfig
 from pipeline.errors import StripinspectError
 
 STRIDE32 = 4  # code stride of Encoder32 applied to an image
 # The 8 neighbours of the centre of a 3 x 3 grid, (row, column) in patch sides (Patch SVDD fig. 3).
 NEIGHBOURS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
+# Jitter of both losses' partner positions, px: K / 8 for the K = 64 patch (Patch SVDD sec. 3.2),
+# kept at both scales. Derived from the patch side, not a setting.
+JITTER = 64 // 8
 
 
 class SvddError(StripinspectError):
@@ -126,25 +129,6 @@ class PositionClassifier(nn.Module):
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return self.net(torch.cat([a, b], dim=1))
-
-
-@dataclass(frozen=True)
-class SvddTrainConfig:
-    """``lam``: weight of the SVDD' loss against the SSL loss (the paper raises it for textures)."""
-
-    dim: int = 64
-    lam: float = 1e-3
-    iterations: int = 3000
-    crops: int = 2  # images (one crop each) per step
-    crop: int = 224  # crop side: room for the 3 x 3 grid of 64 px patches and the jitter
-    samples: int = 100  # pairs per crop per loss per scale
-    lr: float = 1e-4
-    jitter_svdd: int = 8  # px: the SVDD' partner is this close
-    jitter_ssl: int = 8  # px: perturbation of the 3 x 3 grid positions (K / 8 for K = 64)
-    patience: int = 5  # evaluations (every 100 iterations) without 1 % improvement: stop (once learning)
-    seed: int = 0
-    device: str = "cpu"  # torch device for training ("cuda" for the GPU preset)
-    max_minutes: float | None = None  # wall-clock budget of the training loop; None: none
 
 
 @dataclass
@@ -272,7 +256,7 @@ def svdd_losses(
     c32: torch.Tensor,
     clf64: PositionClassifier,
     clf32: PositionClassifier,
-    cfg: SvddTrainConfig,
+    cfg: SvddConfig,
     rng: np.random.Generator,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """SVDD' and SSL summed over both scales, averaged over the crops, from the dense code maps
@@ -280,7 +264,7 @@ def svdd_losses(
     zero = torch.zeros((), device=c64.device)
     svdd, ssl, correct, count = zero, zero, 0, 0
     n, grid = cfg.samples, np.asarray(NEIGHBOURS)
-    j_svdd, j_ssl = max(1, round(cfg.jitter_svdd / STRIDE32)), round(cfg.jitter_ssl / STRIDE32)
+    j_svdd, j_ssl = max(1, round(JITTER / STRIDE32)), round(JITTER / STRIDE32)
     for k, maps, clf in ((64, c64, clf64), (32, c32, clf32)):
         for b in range(maps.shape[0]):
             codes = maps[b]
@@ -303,10 +287,9 @@ def svdd_losses(
     return svdd * per, ssl * per, correct / max(count, 1)
 
 
-def train_svdd(
-    images: list[np.ndarray], cfg: SvddTrainConfig, *, progress: bool = True
-) -> tuple[Encoder64, SvddHistory]:
-    """Train both scales (64 px hierarchical and its shared 32 px encoder) on ``images``."""
+def train_svdd(images: list[np.ndarray], cfg: SvddConfig, *, progress: bool = True) -> tuple[Encoder64, SvddHistory]:
+    """Train both scales (64 px hierarchical and its shared 32 px encoder) on ``images`` with the
+    config's ``svdd:`` section (every key but ``bank_rows``, which the bank fit reads)."""
     torch.manual_seed(cfg.seed)
     channels = images[0].shape[2] if images else 1
     rng = np.random.default_rng(cfg.seed)
@@ -335,33 +318,15 @@ def train_svdd(
     return enc64.cpu().eval(), hist
 
 
-def plot_history(hist: SvddHistory, path: Path, size: tuple[int, int] = (640, 360)) -> None:
-    """Loss curves (total, SVDD', SSL, and cosine and k-means where trained; smoothed over 50
-    iterations, each scaled to its own maximum, since the terms differ by orders of magnitude)
-    as a PNG, drawn with OpenCV."""
-    w, h = size
-    img = np.full((h, w, 3), 255, np.uint8)
-    curves = [(hist.loss, (0, 0, 0)), (hist.svdd, (200, 80, 0)), (hist.ssl, (0, 0, 200))]
-    label = "loss (black), SVDD' (blue), SSL (red)"
+def plot_history(hist: SvddHistory, path: Path) -> None:
+    """Loss curves as a PNG (``calibration.plots``, one panel per term since they differ by
+    orders of magnitude): total, SVDD', SSL and its accuracy, and cosine and k-means where trained."""
+    from calibration.plots import plot_loss_curves  # matplotlib only when curves are drawn
+
+    curves = {"loss": hist.loss, "SVDD'": hist.svdd, "SSL": hist.ssl, "SSL accuracy": hist.ssl_accuracy}
     if hist.cos:
-        curves += [(hist.cos, (0, 150, 0)), (hist.kmeans, (160, 0, 160))]
-        label += ", cosine (green), k-means (purple)"
-    k = 50
-    smooth = [np.convolve(c, np.ones(k) / k, mode="valid") if len(c) >= k else np.asarray(c) for c, _ in curves]
-    n = max((len(s) for s in smooth), default=1)
-    for s, (_, colour) in zip(smooth, curves, strict=True):
-        if len(s) < 2:
-            continue
-        pts = np.array(
-            [
-                (int(20 + i / max(n - 1, 1) * (w - 40)), int(h - 20 - v / (float(s.max()) or 1.0) * (h - 40)))
-                for i, v in enumerate(s)
-            ],
-            np.int32,
-        )
-        cv2.polylines(img, [pts], False, colour, 2)
-    cv2.putText(img, label, (24, 24), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (60, 60, 60), 1)
-    cv2.imwrite(str(path), img)
+        curves |= {"cosine": hist.cos, "k-means": hist.kmeans}
+    plot_loss_curves(path, curves)
 
 
 class DenseSvdd(nn.Module):

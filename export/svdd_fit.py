@@ -153,7 +153,7 @@ def _write_bundle(
             "stop_reason": hist.stop_reason,
             "train_seconds": round(hist.seconds, 1),
             "fit_seconds": fit_seconds,
-            "final_ssl_accuracy": round(float(np.mean(hist.ssl_accuracy[-100:])), 4),
+            "final_ssl_accuracy": round(te.final_ssl_accuracy, 4),
             "verified_relative_error": verified,
             **source,
             **te.training,

@@ -22,14 +22,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from export.msp import DenseMsp, MspEncoder, MspTrainConfig, train_msp
+from export.msp import DenseMsp, MspEncoder, train_msp
 from export.svdd import (
     DenseSvdd,
     Encoder32,
     Encoder64,
     SvddError,
     SvddHistory,
-    SvddTrainConfig,
     plot_history,
     train_svdd,
 )
@@ -50,6 +49,11 @@ class TrainedEncoder:
     training: dict[str, Any]  # the settings it was trained with (the config section, less bank_rows)
     images: int
     data: str
+
+    @property
+    def final_ssl_accuracy(self) -> float:
+        """Mean SSL accuracy of the last 100 steps: how well the encoder tells patch positions apart."""
+        return float(np.mean(self.hist.ssl_accuracy[-100:]))
 
     def dense(self) -> nn.Module:
         """The dense form that is exported to ONNX: uint8 NHWC pixels -> code maps."""
@@ -78,20 +82,19 @@ def train_encoder(
 ) -> TrainedEncoder:
     """Train ``backend`` on ``images`` (read from ``data``) with the config's settings."""
     section = cfg.svdd if backend == "svdd" else cfg.msp
-    # Every key of the config section but the bank size is a training setting of the same name.
-    training = section.model_dump(exclude={"bank_rows"})
     enc: nn.Module
     if backend == "svdd":
-        enc, hist = train_svdd(images, SvddTrainConfig(**training), progress=progress)
+        enc, hist = train_svdd(images, cfg.svdd, progress=progress)
     else:
-        enc, hist = train_msp(images, MspTrainConfig(**training), progress=progress)
+        enc, hist = train_msp(images, cfg.msp, progress=progress)
     return TrainedEncoder(
         backend=backend,
         encoder=enc,
         channels=images[0].shape[2],
         dim=section.dim,
         hist=hist,
-        training=training,
+        # A record of the settings it was trained with (the bank size is the fit's, not training's).
+        training=section.model_dump(mode="json", exclude={"bank_rows"}),
         images=len(images),
         data=str(data),
     )
@@ -157,4 +160,13 @@ def load_encoder(path: Path, backend: Backend) -> TrainedEncoder:
         )
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
         raise SvddError(f"{path}: broken encoder file ({str(err).splitlines()[0][:120]})") from None
+    return te
+
+
+def train_to_file(*, backend: Backend, data: Path, out: Path, cfg: Config, progress: bool = True) -> TrainedEncoder:
+    """``stripinspect train``: read the images in ``data``, train ``backend`` on them with the
+    config's settings, and write the encoder file ``out`` (and its curves beside it)."""
+    images = read_training_images(data)
+    te = train_encoder(backend, images, data, cfg, progress=progress)
+    save_encoder(te, out)
     return te

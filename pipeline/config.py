@@ -253,17 +253,37 @@ class SourceConfig(_Section):
     kind: Literal["synthetic", "folder", "video", "genicam"] = Field(default="synthetic", description="Frame source.")
     block_lines: int = Field(default=128, ge=1, le=65536, description="Lines per block the camera delivers.")
     line_rate_hz: float | None = Field(
-        default=None,
+        default=800.0,
         gt=0,
         le=1_000_000,
-        description="Pace the synthetic camera at this line rate; None = as fast as possible.",
+        description="Line rate of the synthetic camera, paced by the wall clock; None = as fast as possible "
+        "(replays and tests). The default is about 55 % of what the daemon sustained with the shipped config "
+        "on a shared 2-core machine (benchmarks/line_rate.py: 1,380-1,560 lines/s loaded, 3,030 idle), so a "
+        "slower or loaded box drops nothing.",
     )
     strip_lines: int | None = Field(
         default=None, ge=1, description="Stop after this many lines (synthetic); None streams until stopped."
     )
     first_line: int = Field(default=0, ge=0, description="Strip line of the first block (synthetic).")
+    plant_defects: bool = Field(
+        default=True,
+        description="Plant synthetic defects (ground truth in the source's planted list); False gives "
+        "a defect-free strip whatever the two settings below say.",
+    )
     defects_per_100_frames: float = Field(
-        default=0.0, ge=0, le=10_000, description="Synthetic defects planted per 100 frames' worth of lines."
+        default=8.0,
+        ge=0,
+        le=10_000,
+        description="Isolated synthetic defects planted per 100 frames' worth of lines (Poisson), every "
+        "kind the synthetic strip draws taken in turn in a seeded order; 0 = none.",
+    )
+    roll_period_lines: int | None = Field(
+        default=9400,
+        ge=64,
+        le=100_000_000,
+        description="A damaged roll prints a roll mark once per revolution: lines per revolution "
+        "(circumference / mm per line; 9400 = a 1.5 m backup roll at 0.5 mm per line). None = no "
+        "periodic roll mark.",
     )
     folder: Path | None = Field(default=None, description="Images replayed in name order (kind: folder).")
     video: Path | None = Field(default=None, description="Video file read through OpenCV (kind: video).")
@@ -368,6 +388,13 @@ class DaemonConfig(_Section):
     camera_backoff_max_s: float = Field(
         default=30.0, gt=0, le=3600, description="Reopen attempts back off by doubling up to this interval."
     )
+    stage_stuck_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=3600,
+        description="A stage loop (or the camera supervisor) that has not come round for this long is stuck: "
+        "the systemd watchdog is no longer fed, so systemd restarts the daemon WatchdogSec later.",
+    )
     recipes: dict[str, RecipeConfig] = Field(
         default_factory=dict, description="Named grades; the control socket switches between them at a coil change."
     )
@@ -431,8 +458,8 @@ class DaemonConfig(_Section):
 
 
 class _EncoderTraining(_Section):
-    """Settings both learned-encoder trainers share; every key but ``bank_rows`` is a training
-    setting of the same name (export.svdd.SvddTrainConfig, export.msp.MspTrainConfig)."""
+    """Settings both learned-encoder trainers share. The trainers (export.svdd.train_svdd,
+    export.msp.train_msp) take their section as it is; ``bank_rows`` is read by the bank fit."""
 
     dim: int = Field(default=64, ge=2, le=1024, description="Code dimension D.")
     crops: int = Field(default=2, ge=1, le=1024, description="Image crops per step (one image each).")
@@ -481,6 +508,10 @@ class MspConfig(_EncoderTraining):
         default=100, ge=1, le=100_000, description="Patches, pairs or triplets per crop per loss per scale."
     )
     clusters: int = Field(default=50, ge=2, le=100_000, description="k of the k-means loss.")
+    kmeans_every: int = Field(default=50, ge=1, le=1_000_000, description="Steps between centroid updates.")
+    cos_margin: float = Field(
+        default=0.1, ge=0, le=2, description="Margin of the cosine loss: near patch more similar than far by this."
+    )
     lr: float = Field(default=1e-3, gt=0, le=1, description="Adam learning rate.")
 
 

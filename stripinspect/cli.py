@@ -8,13 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from pipeline.config import Config, ConfigError, load_config
 from pipeline.errors import StripinspectError
@@ -49,46 +45,32 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from export.fit import fit_bundle
+    from export.fit import fit
 
-    cfg = _config(args.config)
-    if args.backend in ("svdd", "msp"):
-        from export.svdd_fit import fit_msp, fit_svdd
-
-        fit = fit_svdd if args.backend == "svdd" else fit_msp
-        sm = fit(data=args.data, out=args.out, cfg=cfg, encoder=args.encoder, progress=not args.quiet)
-        t = sm.training
-        name = "Patch SVDD" if args.backend == "svdd" else "multi-scale patch encoders"
-        how = "trained" if args.encoder is None else f"from {args.encoder}, trained"
-        print(
-            f"bundle {args.out}: {name} {how} {t['steps']} steps in {t['train_seconds']} s "
-            f"(SSL accuracy {t['final_ssl_accuracy']}), banks {[s.rows for s in sm.scales]} rows, "
-            f"{t['fit_seconds']} s in all; loss curves in {args.out / 'loss.png'}"
-        )
-        return 0
-    if args.encoder is not None:
-        raise StripinspectError("--encoder is for --backend svdd or msp (PatchCore takes --model)")
-    m = fit_bundle(data=args.data, out=args.out, cfg=cfg, model_dir=args.model, progress=not args.quiet)
-    print(
-        f"bundle {args.out}: {m.fitted_on.images} images, {m.coreset.patches_seen} patches -> "
-        f"{m.index.rows} bank rows ({m.features.embedding_dim} dims) in {m.fitted_on.fit_seconds:.1f} s"
+    result = fit(
+        backend=args.backend,
+        data=args.data,
+        out=args.out,
+        cfg=_config(args.config),
+        model_dir=args.model,
+        encoder=args.encoder,
+        progress=not args.quiet,
     )
+    print(result.summary)
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from export.trained import read_training_images, save_encoder, train_encoder
+    from export.trained import train_to_file
 
-    cfg = _config(args.config)
-    images = read_training_images(args.data)
-    te = train_encoder(args.backend, images, args.data, cfg, progress=not args.quiet)
-    save_encoder(te, args.out)
+    te = train_to_file(
+        backend=args.backend, data=args.data, out=args.out, cfg=_config(args.config), progress=not args.quiet
+    )
     h = te.hist
-    acc = float(np.mean(h.ssl_accuracy[-100:]))
     print(
         f"encoder {args.out}: {args.backend} trained on {te.images} images, {len(h.loss)} steps in "
-        f"{h.seconds:.1f} s on {te.training['device']} (stop: {h.stop_reason}), SSL accuracy {acc:.3f}; "
-        f"`stripinspect fit --backend {args.backend} --encoder {args.out}` fits its banks"
+        f"{h.seconds:.1f} s on {te.training['device']} (stop: {h.stop_reason}), SSL accuracy "
+        f"{te.final_ssl_accuracy:.3f}; `stripinspect fit --backend {args.backend} --encoder {args.out}` fits its banks"
     )
     return 0
 
@@ -130,55 +112,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    import logging
-    import signal
+    from pipeline.service.run import run
 
-    from pipeline.acquisition.sources import FolderSource, Source, SyntheticSource
-    from pipeline.service.daemon import Daemon
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = _config(args.config)
-    d = cfg.daemon
-    source: Source
-    if d.source.kind == "genicam":
-        from pipeline.acquisition.genicam import GenicamSource
-
-        source = GenicamSource(cfg=d.source.genicam)
-    elif d.source.kind == "video":
-        from pipeline.acquisition.sources import VideoSource
-
-        if d.source.video is None:
-            raise ConfigError("daemon.source.video is required for kind: video")
-        source = VideoSource(path=d.source.video)
-    elif d.source.kind == "folder":
-        if d.source.folder is None:
-            raise ConfigError("daemon.source.folder is required for kind: folder")
-        source = FolderSource(folder=d.source.folder, channels=1)
-    else:
-        source = SyntheticSource(
-            cfg=d.source, width=cfg.synthetic.width, seed=cfg.synthetic.seed, frame_lines=d.frame_lines
-        )
-    daemon = Daemon(cfg=d, runtime=cfg.runtime, scoring=cfg.scoring, source=source)
-    server = None
-    if d.metrics_port is not None:
-        from pipeline.service.metrics import serve_metrics
-
-        try:
-            server, _ = serve_metrics(daemon, port=d.metrics_port, addr=d.metrics_addr)
-        except OSError as err:
-            daemon.join(0.1)
-            raise ConfigError(f"daemon.metrics_port = {d.metrics_port}: cannot serve metrics: {err}") from None
-    signal.signal(signal.SIGTERM, lambda *_: daemon.stop())
-    signal.signal(signal.SIGINT, lambda *_: daemon.stop())
-    signal.signal(signal.SIGHUP, lambda *_: daemon._command("reload", {}))
-    logging.getLogger("stripinspect").info(
-        "running: PUB %s, control %s", daemon.publisher.endpoint, daemon.control_endpoint
-    )
-    daemon.run_until_done()
-    if server is not None:
-        server.shutdown()
-    print(json.dumps(daemon.stats.snapshot(), indent=2))
-    return 1 if daemon.failed is not None else 0
+    return run(_config(args.config), quiet=args.quiet, log_json=args.log_json)
 
 
 def _client_keys(args: argparse.Namespace) -> Any:
@@ -226,61 +162,34 @@ def cmd_listen(args: argparse.Namespace) -> int:
 
 
 def cmd_reject_sim(args: argparse.Namespace) -> int:
-    import time
+    from dataclasses import asdict
 
-    from pipeline.transport.listen import deadline, listen
-    from pipeline.transport.reject import fire_time
+    from pipeline.transport.listen import deadline
+    from pipeline.transport.reject import simulate_reject
 
-    late: list[float] = []
-    margins: list[float] = []
-
-    def on_alert(topic: str, header: dict[str, object]) -> None:
-        now = time.time()
-        fire = fire_time(header, speed_m_s=args.speed, distance_m=args.distance)
-        margin = fire - args.lead - now
-        margins.append(margin)
-        if margin < 0:
-            late.append(margin)
-        print(
-            json.dumps(
-                {
-                    "seq": header["seq"],
-                    "md_m": header["md_m"],
-                    "cd_mm": header["cd_mm"],
-                    "fire_time": fire,
-                    "margin_s": round(margin, 4),
-                    "late": margin < 0,
-                }
-            ),
-            flush=True,
-        )
-
-    report = listen(endpoint=args.endpoint, topics=("alert",), on_message=on_alert, stop=deadline(args.seconds))
-    worst = f"{min(margins):.3f} s" if margins else "-"
+    report = simulate_reject(
+        endpoint=args.endpoint,
+        speed_m_s=args.speed,
+        distance_m=args.distance,
+        lead_s=args.lead,
+        stop=deadline(args.seconds),
+        on_firing=lambda f: print(json.dumps(asdict(f)), flush=True),
+    )
+    worst = "-" if report.smallest_margin_s is None else f"{report.smallest_margin_s:.3f} s"
     print(
-        f"alerts {len(margins)}, too late {len(late)}, smallest margin {worst}, sequence gaps {len(report.gaps)}",
+        f"alerts {report.alerts}, too late {report.late}, smallest margin {worst}, sequence gaps {report.gaps}",
         file=sys.stderr,
     )
-    return 0 if not late and not report.gaps else 3
-
-
-def _line_stack(path: Path) -> np.ndarray:
-    from pipeline.acquisition.images import list_images, read_image
-
-    files = list_images(path) if path.is_dir() else [path]
-    if not files:
-        raise ConfigError(f"{path}: no reference images")
-    return np.concatenate([read_image(f, 1)[:, :, 0] for f in files])
+    return 0 if not report.late and not report.gaps else 3
 
 
 def cmd_calibrate_flatfield(args: argparse.Namespace) -> int:
-    from calibration.flatfield import compute_flatfield, write_flatfield
+    from calibration.flatfield import calibrate_flatfield
 
-    dark, white = _line_stack(args.dark), _line_stack(args.white)
-    offset, gain, report = compute_flatfield(dark, white, max_noise=args.max_noise)
-    path = write_flatfield(args.out, offset, gain, report, dark, white)
+    cal = calibrate_flatfield(dark=args.dark, white=args.white, out_dir=args.out, max_noise=args.max_noise)
+    report = cal.report
     print(
-        f"flat-field {path}: {report.lines_dark} dark and {report.lines_white} white lines, column profile CV "
+        f"flat-field {cal.path}: {report.lines_dark} dark and {report.lines_white} white lines, column profile CV "
         f"{100 * report.profile_cv_before:.2f} % -> {100 * report.profile_cv_after:.2f} %; report "
         f"{args.out / 'flatfield.json'}, plot {args.out / 'flatfield.png'}"
     )
@@ -288,88 +197,48 @@ def cmd_calibrate_flatfield(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate_scale(args: argparse.Namespace) -> int:
-    from calibration.scale import calibrate_scale
-    from pipeline.acquisition.images import read_image
+    from calibration.scale import calibrate_scale_from_files
 
-    try:
-        result = calibrate_scale(
-            target=read_image(args.target, 1) if args.target else None,
-            target_width_mm=args.target_width_mm,
-            mm_per_pulse=args.mm_per_pulse,
-            divider=args.divider,
-            line_rate_hz=args.line_rate,
-            speed_m_per_min=args.speed,
-            out_dir=args.out,
-        )
-    except ValueError as err:
-        raise ConfigError(f"calibrate scale: {err}") from None
+    result = calibrate_scale_from_files(
+        target=args.target,
+        target_width_mm=args.target_width_mm,
+        mm_per_pulse=args.mm_per_pulse,
+        divider=args.divider,
+        line_rate_hz=args.line_rate,
+        speed_m_per_min=args.speed,
+        out_dir=args.out,
+    )
     print(json.dumps(result))
     return 0
 
 
 def cmd_calibrate_thresholds(args: argparse.Namespace) -> int:
-    from calibration.thresholds import calibrate_thresholds, normal_maps_from_strip, synthetic_normal_frames
-    from pipeline.acquisition.flatfield import FlatField
-    from pipeline.acquisition.images import list_images, read_image
-    from pipeline.acquisition.synthetic import SyntheticStrip
-    from pipeline.inference.backends import open_frame_scorer
+    from calibration.thresholds import calibrate_thresholds_from_config
 
-    cfg = _config(args.config)
-    d = cfg.daemon
-    fs = open_frame_scorer(args.bundle, runtime=cfg.runtime, scoring=cfg.scoring, tile=d.tile, margin=d.tile_margin)
-    if args.data is not None:
-        files = list_images(args.data)
-        if not files:
-            raise ConfigError(f"{args.data}: no normal images")
-        images = [read_image(f, fs.scorer.channels) for f in files]
-        frames: Iterable[tuple[np.ndarray, int, int]] = ((im, 0, im.shape[0]) for im in images)
-        width = images[0].shape[1]
-        source = f"folder {args.data} ({len(files)} images)"
-    else:
-        strip = SyntheticStrip(width=cfg.synthetic.width, seed=cfg.synthetic.seed)
-        frames = synthetic_normal_frames(
-            strip, first_line=args.first_line, frames=args.frames, frame_lines=d.frame_lines, overlap=d.overlap_lines
-        )
-        source = f"synthetic strip seed {cfg.synthetic.seed}, {args.frames} frames from line {args.first_line}"
-        width = cfg.synthetic.width
-    ff = None if d.flatfield is None else FlatField.from_file(d.flatfield, width=width)
-    total = len(images) if args.data is not None else args.frames
-    maps = normal_maps_from_strip(fs, frames, flatfield=ff, progress=not args.quiet, total=total)
-    metres = sum(m.shape[0] for m in maps) * d.mm_per_line / 1000
-    result = calibrate_thresholds(
+    cal = calibrate_thresholds_from_config(
+        cfg=_config(args.config),
         bundle=args.bundle,
-        maps=maps,
-        metres=metres,
-        n_bands=args.bands,
-        target_per_km=args.alarms_per_km,
-        min_area_mm2=args.min_area_mm2,
-        mm_per_px=d.mm_per_px,
-        mm_per_line=d.mm_per_line,
-        calibrated_on=source,
         out_dir=args.out,
+        bands=args.bands,
+        alarms_per_km=args.alarms_per_km,
+        min_area_mm2=args.min_area_mm2,
+        data=args.data,
+        frames=args.frames,
+        first_line=args.first_line,
+        labelled=args.labelled,
+        progress=not args.quiet,
     )
     print(
-        f"{metres:.1f} m of normal strip, {args.bands} bands: thresholds "
-        f"{', '.join(f'{t:.2f}' for t in result.thresholds)} written to {args.bundle}; report {args.out}"
+        f"{cal.metres:.1f} m of normal strip, {args.bands} bands: thresholds "
+        f"{', '.join(f'{t:.2f}' for t in cal.result.thresholds)} written to {args.bundle}; report {args.out}"
     )
-    if args.labelled is not None:
-        from calibration.evaluate import find_test_images
-        from calibration.thresholds import labelled_report
-        from pipeline.postprocess.defects import per_column
-
-        min_area_px = max(1, math.ceil(args.min_area_mm2 / (d.mm_per_px * d.mm_per_line)))
-        report = labelled_report(
-            fs.scorer,
-            find_test_images(args.labelled),
-            columns=per_column(result.band_edges_px, result.thresholds),
-            min_area_px=min_area_px,
-        )
-        (args.out / "labelled.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    if cal.labelled is not None:
+        r = cal.labelled
         print(
-            f"labelled {args.labelled}: false positives {100 * report['false_positive_rate_per_image']:.1f} % of "
-            f"{report['normal_images']} normal images, detected {100 * report['detection_rate']:.1f} % of "
-            f"{report['defect_images']} defect images; best image F1 {report['best_f1']:.3f} at "
-            f"{report['best_f1_image_threshold']:.2f}"
+            f"labelled {args.labelled}: false positives {100 * r['false_positive_rate_per_image']:.1f} % of "
+            f"{r['normal_images']} normal images, detected {100 * r['detection_rate']:.1f} % of "
+            f"{r['defect_images']} defect images; best image F1 {r['best_f1']:.3f} at "
+            f"{r['best_f1_image_threshold']:.2f}"
         )
     return 0
 
@@ -384,7 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     def with_config(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--config", type=Path, default=None, help="config file (default ./config.yaml)")
-        sp.add_argument("--quiet", action="store_true", help="no progress bars")
+        sp.add_argument(
+            "--quiet", action="store_true", help="no progress bars (run: only warnings, errors and the summary)"
+        )
 
     e = sub.add_parser("export", help="export the configured backbone to ONNX and verify it")
     with_config(e)
@@ -439,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="run the inspection daemon")
     with_config(r)
+    r.add_argument(
+        "--log-json", action="store_true", help="log one JSON object per line (services, journald); see --quiet"
+    )
     r.set_defaults(func=cmd_run)
 
     li = sub.add_parser("listen", help="print alerts from a running daemon as JSON lines; report sequence gaps")

@@ -75,7 +75,9 @@ def run_demo(*, cfg: Config, out: Path, progress: bool = True, steps: int = 24) 
         f"\nimage AUROC {metrics['image_auroc']:.3f}  pixel AUROC {metrics['pixel_auroc']:.3f}  "
         f"AUPRO {metrics['pixel_aupro']:.3f}  ({ms:.0f} ms per frame)"
     )
-    print(f"overlays: {out / 'overlays'}  metrics: {out / 'metrics.json'}")
+    print(
+        f"overlays: {out / 'overlays'}  charts: {out / 'scores.png'} {out / 'roc.png'}  metrics: {out / 'metrics.json'}"
+    )
     metrics["daemon"] = run_daemon_demo(cfg=cfg, bundle=out / "bundle", steps=steps)
     print(f"total {time.perf_counter() - t0:.0f} s")
     return metrics
@@ -123,8 +125,14 @@ def run_daemon_demo(*, cfg: Config, bundle: Path, steps: int = 24) -> dict[str, 
     # Stored in the bundle so that `stripinspect run` on it works as shipped.
     manifest = read_manifest(bundle)
     write_manifest(bundle, manifest.model_copy(update={"thresholds": {"pixel": threshold}}))
+    # Unpaced, and no periodic roll mark: the demo matches each planted defect to one alert.
     src = SourceConfig(
-        block_lines=128, strip_lines=d.overlap_lines + steps * step, first_line=1_000_000, defects_per_100_frames=100
+        block_lines=128,
+        line_rate_hz=None,
+        strip_lines=d.overlap_lines + steps * step,
+        first_line=1_000_000,
+        defects_per_100_frames=100,
+        roll_period_lines=None,
     )
     dcfg = d.model_copy(
         update={

@@ -10,19 +10,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 
 
 def otsu_threshold(values: np.ndarray) -> float:
-    hist, edges = np.histogram(values, bins=256, range=(0.0, 256.0))
-    p = hist.astype(np.float64) / max(1, hist.sum())
-    omega = np.cumsum(p)
-    mu = np.cumsum(p * np.arange(256))
-    mu_t = mu[-1]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        sigma_b = (mu_t * omega - mu) ** 2 / (omega * (1.0 - omega))
-    k = int(np.nanargmax(sigma_b))
-    return float(edges[k + 1])
+    """Otsu's threshold of 8-bit-range values (a column profile), by OpenCV: values above the
+    returned level are the bright class."""
+    levels = np.clip(np.floor(values), 0, 255).astype(np.uint8).reshape(1, -1)
+    t, _ = cv2.threshold(levels, 0, 255, cv2.THRESH_BINARY | cv2.THRESH_OTSU)
+    # OpenCV's level t puts t itself in the dark class: the first bright level is t + 1.
+    return float(t) + 1.0
 
 
 def detect_edges(frame: np.ndarray, *, min_width_px: int = 32) -> tuple[float, float] | None:

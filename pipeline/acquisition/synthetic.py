@@ -110,7 +110,7 @@ class SyntheticStrip:
         img = self.render_normal(first_line, lines)
         mask = np.zeros((lines, self.width), dtype=np.uint8)
         for d in defects:
-            for line in _occurrences(d, first_line, lines):
+            for line in occurrences(d, first_line, lines):
                 # Drawn on a canvas centred on the defect, then the rows inside the window are
                 # pasted: rasterising a shape clipped by the window would depend on the window.
                 reach = _reach(d)
@@ -137,7 +137,9 @@ def _reach(d: PlantedDefect) -> int:
     return 2 * d.size + 8
 
 
-def _occurrences(d: PlantedDefect, first: int, lines: int) -> list[int]:
+def occurrences(d: PlantedDefect, first: int, lines: int) -> list[int]:
+    """Centre lines of ``d``'s prints (one, or one per ``period`` from ``d.line`` on) that reach
+    into the window of ``lines`` lines from ``first``."""
     reach = _reach(d)
     if d.period <= 0:
         return [d.line] if first - reach <= d.line < first + lines + reach else []

@@ -59,7 +59,7 @@ class Publisher:
             self._sock.bind(endpoint)
         except zmq.ZMQError as err:
             self._sock.close(0)
-            raise OSError(f"cannot bind PUB {endpoint}: {err}") from None
+            raise OSError(err.errno, f"cannot bind PUB {endpoint}: {err}") from None
         self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.seq = dict.fromkeys(TOPICS, 0)
 

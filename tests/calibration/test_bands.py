@@ -91,7 +91,7 @@ def test_calibrated_rate_holds_on_held_out_strip(strip_bundle: Path, tmp_path: P
         scoring=ScoringConfig(),
         source=SyntheticSource(cfg=src, width=256, seed=3, frame_lines=1024),
     )
-    assert d._threshold_json() == pytest.approx(result.thresholds, rel=1e-6)
+    assert d.slot.threshold_json() == pytest.approx(result.thresholds, rel=1e-6)
     d.join(1)
 
 
@@ -130,7 +130,13 @@ def test_drift_is_reported_against_the_calibration(strip_bundle: Path, tmp_path:
             self.inner.close()
 
     def run(seed: int, aged: bool = False) -> dict:
-        src = SourceConfig(block_lines=384, strip_lines=OVERLAP + 10 * (FRAME - OVERLAP), first_line=700_000)
+        src = SourceConfig(
+            block_lines=384,
+            line_rate_hz=None,
+            plant_defects=False,
+            strip_lines=OVERLAP + 10 * (FRAME - OVERLAP),
+            first_line=700_000,
+        )
         cfg = DaemonConfig(
             bundle=bundle,
             frame_lines=FRAME,
@@ -184,7 +190,7 @@ def test_reload_picks_up_recalibrated_band_thresholds(strip_bundle: Path, tmp_pa
         ).thresholds
 
     loose = calibrate(1000.0)
-    src = SourceConfig(block_lines=384, line_rate_hz=4000, strip_lines=None, first_line=0)
+    src = SourceConfig(block_lines=384, line_rate_hz=4000, plant_defects=False, strip_lines=None, first_line=0)
     ctx = zmq.Context()
     d = Daemon(
         cfg=DaemonConfig(
@@ -201,7 +207,7 @@ def test_reload_picks_up_recalibrated_band_thresholds(strip_bundle: Path, tmp_pa
         source=SyntheticSource(cfg=src, width=256, seed=3, frame_lines=FRAME),
         context=ctx,
     )
-    assert d._threshold_json() == pytest.approx(loose, rel=1e-6)
+    assert d.slot.threshold_json() == pytest.approx(loose, rel=1e-6)
     d.start()
     strict = calibrate(50.0)  # rewrites the bundle's manifest while the daemon runs
     assert strict != loose
@@ -212,11 +218,11 @@ def test_reload_picks_up_recalibrated_band_thresholds(strip_bundle: Path, tmp_pa
     req.send_json({"cmd": "reload"})
     assert req.recv_json()["ok"] is True
     for _ in range(80):
-        if d._threshold_json() == pytest.approx(strict, rel=1e-6):
+        if d.slot.threshold_json() == pytest.approx(strict, rel=1e-6):
             break
         threading.Event().wait(0.25)
     req.close(0)
     d.stop()
     d.join()
     ctx.term()
-    assert d._threshold_json() == pytest.approx(strict, rel=1e-6)
+    assert d.slot.threshold_json() == pytest.approx(strict, rel=1e-6)

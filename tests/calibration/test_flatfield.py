@@ -7,10 +7,10 @@ import cv2
 import numpy as np
 import pytest
 
-from calibration.flatfield import compute_flatfield, profile_cv, write_flatfield
+from calibration.flatfield import calibrate_flatfield, compute_flatfield, profile_cv, read_line_stack, write_flatfield
 from pipeline.acquisition.flatfield import FlatField, FlatFieldError, load_flatfield
 from pipeline.acquisition.synthetic import LineCamera, SyntheticStrip, uniform_target
-from pipeline.config import RuntimeConfig, ScoringConfig
+from pipeline.config import ConfigError, RuntimeConfig, ScoringConfig
 from pipeline.inference.backends import open_backend
 from pipeline.inference.framescore import FrameScorer
 
@@ -39,9 +39,11 @@ def test_uniform_target_profile_flat_to_one_percent(tmp_path: Path) -> None:
     np.testing.assert_array_equal(o2, offset)
     np.testing.assert_array_equal(g2, gain)
     png = cv2.imread(str(tmp_path / "flatfield.png"))
-    assert png is not None and png.shape[1] == WIDTH
-    # three curves drawn: red (before), green (after), blue (dark)
-    assert (png[:, :, 2] > 200).sum() > WIDTH // 2 and ((png[:, :, 1] > 120) & (png[:, :, 0] < 50)).sum() > WIDTH // 2
+    assert png is not None
+    # three curves drawn (matplotlib's tab: colours): red (before), green (after), blue (dark)
+    b, g, r = (png[:, :, c].astype(int) for c in range(3))
+    assert ((r > 180) & (g < 80)).sum() > WIDTH and ((g > 120) & (r < 80)).sum() > WIDTH // 2
+    assert ((b > 150) & (r < 80)).sum() > WIDTH // 2
 
 
 @pytest.mark.parametrize(
@@ -99,3 +101,25 @@ def test_score_maps_lose_the_camera_column_pattern(strip_bundle: Path) -> None:
     print("column structure ideal, raw, corrected", ideal, raw, corrected)
     assert raw > 1.5 * ideal
     assert corrected < 1.2 * ideal + 0.01
+
+
+def test_calibrate_flatfield_reads_files_and_folders(tmp_path: Path) -> None:
+    strip = SyntheticStrip(width=WIDTH, seed=3)
+    cam = LineCamera.random(width=WIDTH, seed=5)
+    (tmp_path / "dark").mkdir()
+    darks = [cam.capture(np.zeros((64, WIDTH), np.float32), seed=k) for k in range(2)]
+    for k, d in enumerate(darks):
+        cv2.imwrite(str(tmp_path / "dark" / f"{k}.png"), d)
+    white = cam.capture(uniform_target(strip, lines=128, level=120), seed=7)
+    cv2.imwrite(str(tmp_path / "white.png"), white)
+    # A folder is its images one below the other, in name order; a file is itself.
+    np.testing.assert_array_equal(read_line_stack(tmp_path / "dark"), np.concatenate(darks))
+    np.testing.assert_array_equal(read_line_stack(tmp_path / "white.png"), white)
+    cal = calibrate_flatfield(
+        dark=tmp_path / "dark", white=tmp_path / "white.png", out_dir=tmp_path / "ff", max_noise=0.05
+    )
+    assert cal.path == tmp_path / "ff" / "flatfield.npz" and (tmp_path / "ff" / "flatfield.png").is_file()
+    assert cal.report.lines_dark == 128 and cal.report.lines_white == 128 and cal.report.profile_cv_after <= 0.01
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="no reference images"):
+        read_line_stack(tmp_path / "empty")

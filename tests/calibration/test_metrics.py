@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score
+from sklearn.metrics import roc_curve as sk_roc_curve
 
-from calibration.metrics import aupro, auroc, label_regions
+from calibration.metrics import aupro, auroc, best_f1_threshold, label_regions, roc_curve
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -73,3 +74,43 @@ def test_regions_are_eight_connected() -> None:
     mask[1, 1] = mask[2, 2] = True  # diagonal neighbours: one region
     mask[4, 4] = True
     assert label_regions(mask)[0] == 2
+
+
+def _brute_force_best_f1(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """Every distinct score as the threshold, F1 straight from its definition, lowest t on ties."""
+    best_f1, best_t = 0.0, float("nan")
+    for t in np.unique(scores):
+        pred = scores >= t
+        tp, fp, fn = int((pred & labels).sum()), int((pred & ~labels).sum()), int((~pred & labels).sum())
+        f1 = 2 * tp / max(1, 2 * tp + fp + fn)
+        if f1 > best_f1:
+            best_f1, best_t = f1, float(t)
+    return best_f1, best_t
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("levels", [6, 1000])  # many ties, and nearly none
+def test_best_f1_equals_brute_force(seed: int, levels: int) -> None:
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 300))
+    labels = rng.random(n) < rng.uniform(0.05, 0.7)
+    scores = (rng.integers(0, levels, n) + 2 * labels * rng.random(n)).astype(np.float32)
+    assert best_f1_threshold(scores, labels) == _brute_force_best_f1(scores.astype(np.float64), labels)
+
+
+def test_best_f1_without_positives_is_nan() -> None:
+    f1, t = best_f1_threshold(np.arange(5.0), np.zeros(5, bool))
+    assert f1 == 0.0 and np.isnan(t)
+    assert best_f1_threshold(np.array([1.0, 2.0, 3.0]), np.array([False, True, True])) == (1.0, 2.0)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_roc_curve_equals_sklearn(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    labels = rng.random(400) < 0.3
+    scores = rng.integers(0, 30, 400) + 3.0 * labels
+    fpr, tpr = roc_curve(scores, labels)
+    ref_fpr, ref_tpr, _ = sk_roc_curve(labels, scores, drop_intermediate=False)
+    np.testing.assert_allclose(fpr, ref_fpr, atol=1e-12)
+    np.testing.assert_allclose(tpr, ref_tpr, atol=1e-12)
+    assert np.trapezoid(tpr, fpr) == pytest.approx(auroc(scores, labels), abs=1e-12)

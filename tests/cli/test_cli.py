@@ -153,7 +153,7 @@ def test_calibrate_flatfield_then_daemon_applies_it(
         )
         == 2
     )
-    src = SourceConfig(block_lines=128, strip_lines=1024, first_line=0)
+    src = SourceConfig(block_lines=128, line_rate_hz=None, plant_defects=False, strip_lines=1024, first_line=0)
     cfg = DaemonConfig(
         bundle=strip_bundle,
         frame_lines=512,
@@ -172,7 +172,7 @@ def test_calibrate_flatfield_then_daemon_applies_it(
         source=SyntheticSource(cfg=src, width=256, seed=3, frame_lines=512),
         context=ctx,
     )
-    assert d.flatfield is not None
+    assert d.slot.current.flatfield is not None
     d.run_until_done()
     ctx.term()
     s = d.stats.snapshot()
@@ -209,8 +209,7 @@ def test_calibrate_scale(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert result["mm_per_px"] == pytest.approx(0.5, rel=0.01) and result["mm_per_line"] == pytest.approx(0.5)
     png = cv2.imread(str(tmp_path / "s" / "scale.png"))
     assert png is not None
-    red = np.flatnonzero(((png[:, :, 2] > 200) & (png[:, :, 1] < 50)).any(axis=0))
-    assert abs(red.min() - 149.5) <= 1.5 and abs(red.max() - 449.5) <= 1.5  # the edges are drawn where found
+    assert abs(result["target_left_px"] - 149.5) <= 1.5 and abs(result["target_right_px"] - 449.5) <= 1.5
     assert main(["calibrate", "scale", "--line-rate", "1000", "--out", str(tmp_path / "s")]) == 2
 
 
@@ -259,3 +258,38 @@ def test_calibrate_thresholds_writes_bands_into_the_bundle(
     bands = read_manifest(bundle).band_thresholds
     assert bands is not None and bands.band_edges_px == [0, 128, 256] and len(bands.thresholds) == 2
     assert "synthetic strip seed 3" in bands.calibrated_on and (tmp_path / "r" / "thresholds.png").is_file()
+
+
+def test_reject_sim_prints_a_json_line_per_alert_and_a_summary(capsys: pytest.CaptureFixture[str]) -> None:
+    import threading
+    import time
+
+    import zmq
+
+    ctx = zmq.Context()
+    pub = ctx.socket(zmq.XPUB)  # sees the subscription arrive, so nothing is sent before it
+    pub.setsockopt(zmq.LINGER, 0)
+    port = pub.bind_to_random_port("tcp://127.0.0.1")
+    box: dict[str, int] = {}
+    args = ["reject-sim", f"tcp://127.0.0.1:{port}", "--speed", "2", "--distance", "3", "--seconds", "10"]
+    thread = threading.Thread(target=lambda: box.update(rc=main(args)))
+    thread.start()
+    try:
+        subscribed: set[bytes] = set()
+        while subscribed != {b"alert", b"heartbeat"}:
+            assert pub.poll(5000), "reject-sim never subscribed"
+            subscribed.add(pub.recv()[1:])
+        for seq, age in ((1, 0.0), (2, 100.0)):  # the second was captured 100 s ago: too late
+            header = {"topic": "alert", "seq": seq, "capture_time": time.time() - age, "capture_md_m": 50.0}
+            pub.send_multipart([b"alert", json.dumps({**header, "md_m": 49.5, "cd_mm": 12.0}).encode()])
+        pub.send_multipart([b"heartbeat", json.dumps({"topic": "heartbeat", "seq": 1, "state": "stopped"}).encode()])
+        thread.join(10.0)
+    finally:
+        pub.close(0)
+        ctx.term()
+    assert box["rc"] == 3  # a late alert
+    out, err = capsys.readouterr()
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert [list(r) for r in lines] == [["seq", "md_m", "cd_mm", "fire_time", "margin_s", "late"]] * 2
+    assert [r["late"] for r in lines] == [False, True] and 1.1 < lines[0]["margin_s"] <= 1.23
+    assert err.startswith("alerts 2, too late 1, smallest margin -9") and err.strip().endswith("sequence gaps 0")

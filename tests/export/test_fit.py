@@ -4,7 +4,7 @@ import cv2
 import numpy as np
 import pytest
 
-from export.fit import FitError, fit_bundle
+from export.fit import FitError, fit, fit_bundle
 from pipeline.config import Config, CoresetConfig, FitConfig
 from pipeline.inference.backends import open_backend
 from pipeline.inference.bundle import read_manifest
@@ -49,3 +49,28 @@ def test_fit_refuses_bad_folders(tmp_path: Path, effnet_model_dir: Path) -> None
     with pytest.raises(FitError, match="run `stripinspect export` first"):
         (tmp_path / "c.png").unlink()
         fit_bundle(data=tmp_path, out=tmp_path / "o", cfg=Config(), model_dir=tmp_path / "nomodel", progress=False)
+
+
+def test_fit_is_the_one_entry_for_every_backend(
+    synthetic_dataset: Path, effnet_model_dir: Path, tmp_path: Path
+) -> None:
+    cfg = Config(fit=FitConfig(coreset=CoresetConfig(ratio=0.05, max_rows=50)))
+    result = fit(
+        backend="patchcore",
+        data=synthetic_dataset / "train/good",
+        out=tmp_path / "b",
+        cfg=cfg,
+        model_dir=effnet_model_dir,
+        progress=False,
+    )
+    assert result.manifest == read_manifest(tmp_path / "b")
+    assert result.summary.startswith(f"bundle {tmp_path / 'b'}: 10 images, 5120 patches -> 50 bank rows")
+    with pytest.raises(FitError, match="--encoder is for --backend svdd or msp"):
+        fit(
+            backend="patchcore",
+            data=synthetic_dataset / "train/good",
+            out=tmp_path / "c",
+            cfg=cfg,
+            encoder=tmp_path / "enc.pt",
+            progress=False,
+        )

@@ -14,12 +14,12 @@ from export.msp import (
     CropSampler,
     DenseMsp,
     MspEncoder,
-    MspTrainConfig,
     _offsets_cells,
     train_msp,
 )
 from export.svdd import SvddError, export_dense_encoder
-from tests.export.test_svdd import _structured_images
+from pipeline.config import MspConfig
+from tests.export.test_svdd import _recording, _structured_images
 
 
 def _encoder(channels: int = 1, dim: int = 16) -> MspEncoder:
@@ -61,7 +61,7 @@ def test_sampled_offsets_follow_the_paper() -> None:
 
 def test_short_training_learns_directions_and_every_loss_falls(tmp_path: Path) -> None:
     images = _structured_images(6, seed=1)
-    cfg = MspTrainConfig(dim=32, iterations=120, crops=2, crop=224, samples=48, lr=2e-3, patience=100, seed=0)
+    cfg = MspConfig(dim=32, iterations=120, crops=2, crop=224, samples=48, lr=2e-3, patience=100, seed=0)
     _, hist = train_msp(images, cfg, progress=False)
     acc_start, acc_end = np.mean(hist.ssl_accuracy[:20]), np.mean(hist.ssl_accuracy[-20:])
     print(
@@ -78,7 +78,7 @@ def test_short_training_learns_directions_and_every_loss_falls(tmp_path: Path) -
 
 def test_training_is_reproducible() -> None:
     images = _structured_images(3, seed=2)
-    cfg = MspTrainConfig(dim=8, iterations=4, crops=1, samples=8, clusters=4, kmeans_every=2, seed=3)
+    cfg = MspConfig(dim=8, iterations=4, crops=1, samples=8, clusters=4, kmeans_every=2, seed=3)
     a, ha = train_msp(images, cfg, progress=False)
     b, hb = train_msp(images, cfg, progress=False)
     assert ha.loss == hb.loss and ha.kmeans == hb.kmeans
@@ -105,4 +105,16 @@ def test_bad_training_input_is_one_clear_error() -> None:
     if not torch.cuda.is_available():
         images = _structured_images(1, seed=0)
         with pytest.raises(SvddError, match="sees no CUDA GPU"):
-            train_msp(images, MspTrainConfig(iterations=1, device="cuda"), progress=False)
+            train_msp(images, MspConfig(iterations=1, device="cuda"), progress=False)
+
+
+def test_trainer_reads_every_setting_of_its_config_section(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The trainer takes the `msp:` section itself; every key but the bank size (the fit's) is read.
+    read: set[str] = set()
+    cfg = _recording(MspConfig, read, dim=8, iterations=3, crops=1, samples=8, clusters=4, kmeans_every=2, lr=3e-3)
+    lrs: list[float] = []
+    adam = torch.optim.Adam
+    monkeypatch.setattr(torch.optim, "Adam", lambda params, lr: lrs.append(lr) or adam(params, lr=lr))
+    enc, hist = train_msp(_structured_images(1, seed=0), cfg, progress=False)
+    assert read == set(MspConfig.model_fields) - {"bank_rows"}
+    assert lrs == [3e-3] and len(hist.loss) == len(hist.kmeans) == 3 and enc.enc16.net[-2].out_channels == 8

@@ -6,16 +6,17 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from pydantic import BaseModel
 
 from export.svdd import (
     Encoder32,
     Encoder64,
     SvddError,
-    SvddTrainConfig,
     export_svdd,
     plot_history,
     train_svdd,
 )
+from pipeline.config import SvddConfig
 
 
 def _encoder(channels: int = 1, dim: int = 16) -> Encoder64:
@@ -69,7 +70,7 @@ def _compactness(enc: Encoder64, images: list[np.ndarray]) -> float:
 
 def test_short_training_learns_relative_positions_and_tightens_adjacent_codes(tmp_path: Path) -> None:
     images = _structured_images(6, seed=1)
-    cfg = SvddTrainConfig(dim=32, lam=1.0, iterations=150, crops=2, samples=32, lr=2e-3, patience=100, seed=0)
+    cfg = SvddConfig(dim=32, lam=1.0, iterations=150, crops=2, samples=32, lr=2e-3, patience=100, seed=0)
     torch.manual_seed(0)
     before = _compactness(Encoder64(Encoder32(3, 32), 32), images)
     enc, hist = train_svdd(images, cfg, progress=False)
@@ -86,7 +87,7 @@ def test_short_training_learns_relative_positions_and_tightens_adjacent_codes(tm
 
 def test_training_is_reproducible() -> None:
     images = _structured_images(3, seed=2)
-    cfg = SvddTrainConfig(dim=8, iterations=5, crops=1, samples=4, seed=3)
+    cfg = SvddConfig(dim=8, iterations=5, crops=1, samples=4, seed=3)
     a, ha = train_svdd(images, cfg, progress=False)
     b, hb = train_svdd(images, cfg, progress=False)
     assert ha.loss == hb.loss
@@ -107,7 +108,7 @@ def test_export_matches_torch_and_uses_the_paper_strides(tmp_path: Path) -> None
 
 def test_too_small_images_are_one_clear_error() -> None:
     with pytest.raises(SvddError, match="at least 224 px"):
-        train_svdd([np.zeros((100, 300, 1), np.uint8)], SvddTrainConfig(iterations=1), progress=False)
+        train_svdd([np.zeros((100, 300, 1), np.uint8)], SvddConfig(iterations=1), progress=False)
 
 
 def test_no_early_stop_while_the_position_classifier_is_at_chance() -> None:
@@ -115,7 +116,32 @@ def test_no_early_stop_while_the_position_classifier_is_at_chance() -> None:
     # must not stop as if it had converged (it did on BSData before this rule).
     rng = np.random.default_rng(0)
     noise = [rng.integers(0, 256, (224, 224, 1), dtype=np.uint8) for _ in range(2)]
-    cfg = SvddTrainConfig(dim=8, iterations=200, crops=1, samples=2, lr=1e-4, patience=1, seed=0)
+    cfg = SvddConfig(dim=8, iterations=200, crops=1, samples=2, lr=1e-4, patience=1, seed=0)
     _, hist = train_svdd(noise, cfg, progress=False)
     assert np.mean(hist.ssl_accuracy) < 0.25
     assert not hist.stopped_early and len(hist.loss) == 200  # the old rule stopped at the 200th
+
+
+def _recording(section: type[BaseModel], read: set[str], **values: object) -> BaseModel:
+    """An instance of the config section ``section`` (a subclass of it) that notes every field read."""
+
+    class Recording(section):
+        def __getattribute__(self, name: str) -> object:
+            if name in type(self).model_fields:
+                read.add(name)
+            return super().__getattribute__(name)
+
+    return Recording(**values)
+
+
+def test_trainer_reads_every_setting_of_its_config_section(monkeypatch: pytest.MonkeyPatch) -> None:
+    # One definition of the settings (the config schema): the trainer takes the `svdd:` section
+    # itself, and every key of it but the bank size (the fit's) changes the training.
+    read: set[str] = set()
+    cfg = _recording(SvddConfig, read, dim=8, iterations=3, crops=1, samples=4, lr=3e-3, seed=1)
+    lrs: list[float] = []
+    adam = torch.optim.Adam
+    monkeypatch.setattr(torch.optim, "Adam", lambda params, lr: lrs.append(lr) or adam(params, lr=lr))
+    enc, hist = train_svdd(_structured_images(1, seed=0), cfg, progress=False)
+    assert read == set(SvddConfig.model_fields) - {"bank_rows"}
+    assert lrs == [3e-3] and len(hist.loss) == 3 and enc.enc32.net[-2].out_channels == 8

@@ -103,7 +103,13 @@ def test_the_daemon_serves_an_svdd_bundle(svdd_bundle: Path) -> None:
     strip = SyntheticStrip(width=256, seed=1)
     threshold = threshold_above_normal(fs, (strip.render(50_000 + k * 768, 768)[0][:, :, None] for k in range(4)))
     frames = 8
-    src = SourceConfig(block_lines=128, strip_lines=384 + frames * 384, defects_per_100_frames=200)
+    src = SourceConfig(
+        block_lines=128,
+        line_rate_hz=None,
+        strip_lines=384 + frames * 384,
+        defects_per_100_frames=200,
+        roll_period_lines=None,
+    )
     cfg = loopback_daemon_config(
         bundle=svdd_bundle,
         threshold=threshold,
@@ -161,7 +167,7 @@ def test_thresholds_calibrated_for_an_encoder_bundle_drive_the_daemon(
     assert bands is not None and bands.band_edges_px == [0, 128, 256] and len(bands.thresholds) == 2
     assert all(t > 0 for t in bands.thresholds) and (tmp_path / "r" / "labelled.json").is_file()
     open_backend(bundle, runtime=RuntimeConfig(), scoring=ScoringConfig())  # the rewritten manifest still verifies
-    src = SourceConfig(block_lines=128, strip_lines=2000)
+    src = SourceConfig(block_lines=128, line_rate_hz=None, plant_defects=False, strip_lines=2000)
     cfg = loopback_daemon_config(bundle=bundle, threshold=None, frame_lines=768, overlap_lines=384, source=src)
     ctx = zmq.Context()
     daemon = Daemon(

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from export.msp import MspTrainConfig, train_msp
+from export.msp import train_msp
 from export.svdd import SvddError
 from export.svdd_fit import fit_msp, fit_svdd
 from export.trained import load_encoder, read_training_images, save_encoder, train_encoder
@@ -129,11 +129,9 @@ def test_bad_encoder_files_are_one_line(svdd_data: Path, tmp_path: Path, capsys:
 
 def test_time_budget_stops_training(svdd_data: Path) -> None:
     images = read_training_images(svdd_data / "train" / "good")
-    cfg = MspTrainConfig(dim=8, iterations=500, crops=1, samples=16, clusters=4, max_minutes=1e-6)
+    cfg = MspConfig(dim=8, iterations=500, crops=1, samples=16, clusters=4, max_minutes=1e-6)
     _, hist = train_msp(images, cfg, progress=False)
     assert hist.stopped_early and hist.stop_reason == "time" and len(hist.loss) == 1
-    _, full = train_msp(
-        images, MspTrainConfig(**{**cfg.__dict__, "iterations": 3, "max_minutes": None}), progress=False
-    )
+    _, full = train_msp(images, cfg.model_copy(update={"iterations": 3, "max_minutes": None}), progress=False)
     assert not full.stopped_early and full.stop_reason == "iterations" and len(full.loss) == 3
     assert np.isfinite(full.loss).all()

@@ -1,4 +1,4 @@
-"""pipeline/ is the runtime: it must never import torch, export/ or calibration/."""
+"""pipeline/ is the runtime: it must never import torch, matplotlib, export/ or calibration/."""
 
 import ast
 import subprocess
@@ -6,7 +6,7 @@ import sys
 
 from tests.conftest import REPO
 
-FORBIDDEN = ("torch", "export", "calibration", "torchvision", "efficientnet_lite_pytorch")
+FORBIDDEN = ("torch", "export", "calibration", "torchvision", "efficientnet_lite_pytorch", "matplotlib")
 
 
 def test_pipeline_sources_do_not_import_offline_packages() -> None:
@@ -32,7 +32,7 @@ def test_importing_every_pipeline_module_loads_no_torch() -> None:
     code = (
         "import importlib, sys\n"
         f"for m in {modules!r}: importlib.import_module(m)\n"
-        "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'export', 'calibration')]\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'export', 'calibration', 'matplotlib')]\n"
         "print(','.join(bad))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)

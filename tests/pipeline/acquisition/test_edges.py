@@ -8,6 +8,7 @@ from pipeline.acquisition.edges import (
     mm_per_line_from_encoder,
     mm_per_line_from_speed,
     mm_per_px_from_target,
+    otsu_threshold,
 )
 from pipeline.acquisition.synthetic import SyntheticStrip
 
@@ -48,3 +49,24 @@ def test_scales() -> None:
     assert mm_per_line_from_speed(line_rate_hz=20_000, speed_m_per_min=600) == pytest.approx(0.5)
     with pytest.raises(ValueError):
         mm_per_line_from_speed(line_rate_hz=0, speed_m_per_min=1)
+
+
+def _otsu_reference(values: np.ndarray) -> float:
+    # Otsu's between-class variance written out over a 256-bin histogram (the textbook form).
+    hist, edges = np.histogram(values, bins=256, range=(0.0, 256.0))
+    p = hist.astype(np.float64) / max(1, hist.sum())
+    omega, mu = np.cumsum(p), np.cumsum(p * np.arange(256))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        between = (mu[-1] * omega - mu) ** 2 / (omega * (1.0 - omega))
+    return float(edges[int(np.nanargmax(between)) + 1])
+
+
+def test_otsu_by_opencv_equals_the_textbook_threshold() -> None:
+    rng = np.random.default_rng(7)
+    for _ in range(300):
+        n = int(rng.integers(50, 3000))
+        k = int(rng.integers(1, n))
+        dark = rng.normal(rng.uniform(10, 100), rng.uniform(1, 20), k)
+        bright = rng.normal(rng.uniform(120, 240), rng.uniform(1, 20), n - k)
+        values = np.concatenate([dark, bright]).clip(0, 255)
+        assert otsu_threshold(values) == _otsu_reference(values)

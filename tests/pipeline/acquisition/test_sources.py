@@ -53,7 +53,7 @@ def test_folder_skips_bad_files_and_counts_them(tmp_path: Path) -> None:
 
 def test_synthetic_strip_length_and_planting() -> None:
     src = SyntheticSource(
-        cfg=SourceConfig(block_lines=100, strip_lines=1000, defects_per_100_frames=300),
+        cfg=SourceConfig(block_lines=100, line_rate_hz=None, strip_lines=1000, defects_per_100_frames=300),
         width=128,
         seed=1,
         frame_lines=256,

@@ -75,7 +75,14 @@ def _run(
 def test_alerts_match_planted_defects(strip_bundle: Path, in_flight: int) -> None:
     threshold = _threshold(strip_bundle)
     step = FRAME - OVERLAP
-    src = SourceConfig(block_lines=100, strip_lines=OVERLAP + 24 * step, first_line=40_000, defects_per_100_frames=150)
+    src = SourceConfig(
+        block_lines=100,
+        line_rate_hz=None,
+        strip_lines=OVERLAP + 24 * step,
+        first_line=40_000,
+        defects_per_100_frames=150,
+        roll_period_lines=None,
+    )
     alerts, report, source, stats = _run(strip_bundle, threshold, src, in_flight=in_flight)
     assert report.gaps == []
     assert report.received["alert"] == len(alerts) == stats["counts"].get("alerts_total", 0)
@@ -117,7 +124,13 @@ def test_defect_free_strip_raises_no_alert(strip_bundle: Path) -> None:
     # test short; the pixels are the same strip). Bar: at most 1 false alert per 100 m.
     threshold = _threshold(strip_bundle)
     frames = 52
-    src = SourceConfig(block_lines=256, strip_lines=OVERLAP + frames * (FRAME - OVERLAP), first_line=90_000)
+    src = SourceConfig(
+        block_lines=256,
+        line_rate_hz=None,
+        plant_defects=False,
+        strip_lines=OVERLAP + frames * (FRAME - OVERLAP),
+        first_line=90_000,
+    )
     alerts, report, _, stats = _run(strip_bundle, threshold, src, mm_per_line=5.0)
     metres = frames * (FRAME - OVERLAP) * 5.0 / 1000
     assert metres >= 99.8
@@ -129,7 +142,7 @@ def test_defect_free_strip_raises_no_alert(strip_bundle: Path) -> None:
 def test_control_socket_status_reload_stop_and_drops(strip_bundle: Path, tmp_path: Path) -> None:
     # A camera far faster than scoring with a one-frame queue: frames must be dropped and
     # counted, never block acquisition.
-    src = SourceConfig(block_lines=512, strip_lines=None, first_line=0)
+    src = SourceConfig(block_lines=512, line_rate_hz=None, plant_defects=False, strip_lines=None, first_line=0)
     cfg = DaemonConfig(
         bundle=strip_bundle,
         frame_lines=FRAME,
@@ -210,7 +223,13 @@ def test_systemd_notify_reaches_the_socket(tmp_path: Path, monkeypatch: pytest.M
 def test_frame_messages_carry_the_score_map_when_enabled(strip_bundle: Path) -> None:
     from pipeline.transport.publish import decode
 
-    src = SourceConfig(block_lines=128, strip_lines=OVERLAP + 3 * (FRAME - OVERLAP), first_line=300_000)
+    src = SourceConfig(
+        block_lines=128,
+        line_rate_hz=None,
+        plant_defects=False,
+        strip_lines=OVERLAP + 3 * (FRAME - OVERLAP),
+        first_line=300_000,
+    )
     cfg = DaemonConfig(
         bundle=strip_bundle,
         frame_lines=FRAME,
@@ -274,7 +293,14 @@ def test_no_threshold_anywhere_is_a_start_up_error(strip_bundle: Path) -> None:
 def test_cd_is_measured_from_the_tracked_strip_edge(strip_bundle: Path) -> None:
     threshold = _threshold(strip_bundle)
     step = FRAME - OVERLAP
-    src = SourceConfig(block_lines=128, strip_lines=OVERLAP + 12 * step, first_line=140_000, defects_per_100_frames=150)
+    src = SourceConfig(
+        block_lines=128,
+        line_rate_hz=None,
+        strip_lines=OVERLAP + 12 * step,
+        first_line=140_000,
+        defects_per_100_frames=150,
+        roll_period_lines=None,
+    )
     alerts, report, source, _ = _run(strip_bundle, threshold, src, track_edges=True)
     strip = SyntheticStrip(width=WIDTH, seed=3)
     checked = total = 0
@@ -303,7 +329,7 @@ def test_recipe_switch_between_frames_without_drops(strip_bundle: Path, tmp_path
     bundle_b = tmp_path / "grade_b"
     shutil.copytree(strip_bundle, bundle_b)
     write_manifest(bundle_b, read_manifest(bundle_b).model_copy(update={"thresholds": {"pixel": 5e8}}))
-    src = SourceConfig(block_lines=256, line_rate_hz=6000, strip_lines=None, first_line=0)
+    src = SourceConfig(block_lines=256, line_rate_hz=6000, plant_defects=False, strip_lines=None, first_line=0)
     cfg = DaemonConfig(
         bundle=strip_bundle,
         frame_lines=FRAME,

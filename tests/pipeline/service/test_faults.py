@@ -24,7 +24,7 @@ class FlakyCamera:
     """Delivers strip, then nothing (pulled cable); reopening fails ``failures`` times first."""
 
     def __init__(self, *, stall_after_blocks: int, failures: int) -> None:
-        src = SourceConfig(block_lines=128, strip_lines=None, first_line=0)
+        src = SourceConfig(block_lines=128, line_rate_hz=None, plant_defects=False, strip_lines=None, first_line=0)
         self._inner = SyntheticSource(cfg=src, width=WIDTH, seed=3, frame_lines=FRAME)
         self.width, self.channels = WIDTH, 1
         self._left = stall_after_blocks
@@ -99,7 +99,9 @@ def test_a_stalled_camera_is_reported_offline_and_reopened_with_backoff(strip_bu
 
 def test_a_subscriber_that_never_reads_does_not_block_the_pipeline(strip_bundle: Path) -> None:
     step = FRAME - OVERLAP
-    src = SourceConfig(block_lines=128, strip_lines=OVERLAP + 20 * step, first_line=0)
+    src = SourceConfig(
+        block_lines=128, line_rate_hz=None, plant_defects=False, strip_lines=OVERLAP + 20 * step, first_line=0
+    )
     cfg = loopback_daemon_config(
         bundle=strip_bundle,
         frame_lines=FRAME,
@@ -159,7 +161,13 @@ def test_a_crashed_stage_stops_the_whole_daemon_and_marks_it_failed(strip_bundle
 
 
 def test_a_crash_in_the_embed_stage_also_fails_the_daemon(strip_bundle: Path) -> None:
-    src = SourceConfig(block_lines=128, strip_lines=OVERLAP + 10 * (FRAME - OVERLAP), first_line=0)
+    src = SourceConfig(
+        block_lines=128,
+        line_rate_hz=None,
+        plant_defects=False,
+        strip_lines=OVERLAP + 10 * (FRAME - OVERLAP),
+        first_line=0,
+    )
     cfg = loopback_daemon_config(
         bundle=strip_bundle,
         frame_lines=FRAME,
@@ -195,7 +203,7 @@ def test_a_bundle_fitted_on_other_channels_is_refused_at_start(strip_bundle: Pat
     manifest = json.loads((b / "manifest.json").read_text())
     manifest["input"]["channels"] = 3
     (b / "manifest.json").write_text(json.dumps(manifest))
-    src = SourceConfig(block_lines=128, strip_lines=768, first_line=0)
+    src = SourceConfig(block_lines=128, line_rate_hz=None, plant_defects=False, strip_lines=768, first_line=0)
     cfg = loopback_daemon_config(bundle=b)
     with pytest.raises(StripinspectError, match=r"camera delivers 1 channel\(s\), bundle .* was fitted on 3"):
         Daemon(
@@ -216,3 +224,144 @@ def test_non_finite_features_are_a_bad_frame_not_a_crash(strip_bundle: Path) -> 
     feats[1, 2, 3] = np.nan  # faiss would abort the process on NaN distances
     with pytest.raises(ValueError, match="not finite"):
         scorer.search_patches(feats)
+
+
+class _NotifySocket:
+    """systemd's end of $NOTIFY_SOCKET, emulated: an AF_UNIX datagram socket in tmp_path that
+    records (monotonic time, message) of everything the daemon sends."""
+
+    def __init__(self, path: Path) -> None:
+        import socket
+
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.05)
+        self.got: list[tuple[float, str]] = []
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._recv)
+        self._thread.start()
+
+    def _recv(self) -> None:
+        while not self._done.is_set():
+            try:
+                self.got.append((time.monotonic(), self.sock.recv(256).decode()))
+            except TimeoutError:
+                continue
+
+    def watchdogs(self, since: float, until: float | None = None) -> int:
+        end = until if until is not None else float("inf")
+        return sum(1 for t, m in self.got if m == "WATCHDOG=1" and since <= t < end)
+
+    def close(self) -> None:
+        self._done.set()
+        self._thread.join()
+        self.sock.close()
+
+
+@pytest.fixture
+def notify_socket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    server = _NotifySocket(tmp_path / "notify")
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
+    monkeypatch.setenv("WATCHDOG_USEC", "200000")  # WatchdogSec=0.2: fed every 0.1 s
+    yield server
+    server.close()
+
+
+def test_a_reconnecting_camera_keeps_the_watchdog_fed(strip_bundle: Path, notify_socket: _NotifySocket) -> None:
+    # A line stop: no lines at all and every reopen fails, for longer than the stuck bound. The
+    # daemon is healthy (reconnecting), so systemd must not kill it.
+    camera = FlakyCamera(stall_after_blocks=0, failures=10**9)
+    cfg = loopback_daemon_config(
+        bundle=strip_bundle,
+        frame_lines=FRAME,
+        overlap_lines=OVERLAP,
+        heartbeat_s=0.1,
+        camera_stall_s=0.2,
+        camera_reconnect_s=0.3,
+        camera_backoff_max_s=0.8,
+        stage_stuck_s=0.5,
+    )
+    ctx = zmq.Context()
+    daemon = Daemon(cfg=cfg, runtime=RuntimeConfig(), scoring=ScoringConfig(), source=camera, context=ctx)
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"heartbeat")
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.connect(daemon.publisher.endpoint)
+    daemon.start()
+    try:
+        time.sleep(1.0)  # offline by now, reopening with backoff
+        t0 = time.monotonic()
+        time.sleep(2.0)  # four stuck bounds without a single line
+        t1 = time.monotonic()
+        cameras = []
+        while sub.poll(100) and len(cameras) < 50:
+            cameras.append(decode(sub.recv_multipart())[1]["camera"])
+        status = daemon.snapshot()
+    finally:
+        daemon.stop()
+        daemon.join()
+        sub.close(0)
+        ctx.term()
+    fed = notify_socket.watchdogs(t0, t1)
+    print(f"WATCHDOG=1 {fed} times in {t1 - t0:.1f} s of line stop; reopen attempts {len(camera.reopen_times)}")
+    assert daemon.failed is None and daemon.stats.snapshot()["counts"].get("frames_total", 0) == 0
+    assert len(camera.reopen_times) >= 3  # it really was reconnecting all along
+    assert fed >= 10  # about every 0.1 s
+    assert status["state"] == "camera_offline" and status["camera"]["state"] == "reconnecting"
+    assert cameras and all(c["state"] == "reconnecting" for c in cameras[-3:])
+
+
+class _HangingCamera(FlakyCamera):
+    """Delivers strip, then its read blocks until released (a driver call that never returns)."""
+
+    def __init__(self) -> None:
+        super().__init__(stall_after_blocks=10**9, failures=0)
+        self.release = threading.Event()
+        self.hang = threading.Event()
+
+    def read(self, timeout: float) -> LineBlock | None:
+        if self.hang.is_set():
+            self.release.wait()
+        return super().read(timeout)
+
+
+@pytest.mark.parametrize("stuck", ["acquire", "embed"])
+def test_a_stuck_stage_stops_the_watchdog(strip_bundle: Path, notify_socket: _NotifySocket, stuck: str) -> None:
+    camera = _HangingCamera()
+    cfg = loopback_daemon_config(
+        bundle=strip_bundle, frame_lines=FRAME, overlap_lines=OVERLAP, heartbeat_s=0.1, stage_stuck_s=0.5
+    )
+    ctx = zmq.Context()
+    daemon = Daemon(cfg=cfg, runtime=RuntimeConfig(), scoring=ScoringConfig(), source=camera, context=ctx)
+    release = camera.release
+    if stuck == "embed":
+        real = daemon.frame_scorer.features
+
+        def features(pixels: Any) -> Any:  # an ONNX call that never returns, once stuck
+            if camera.hang.is_set():
+                release.wait()
+            return real(pixels)
+
+        daemon.frame_scorer.features = features  # type: ignore[method-assign]
+    daemon.start()
+    try:
+        end = time.monotonic() + 60
+        while daemon.stats.snapshot()["counts"].get("frames_scored_total", 0) < 2 and time.monotonic() < end:
+            time.sleep(0.05)
+        h0 = time.monotonic()
+        time.sleep(1.0)
+        healthy = (h0, time.monotonic())
+        camera.hang.set()
+        time.sleep(1.0)  # past the stuck bound (0.5 s) plus a frame in flight
+        t0 = time.monotonic()
+        time.sleep(1.5)
+        t1 = time.monotonic()
+    finally:
+        release.set()
+        daemon.stop()
+        daemon.join()
+        ctx.term()
+    before, after = notify_socket.watchdogs(*healthy), notify_socket.watchdogs(t0, t1)
+    print(f"stuck {stuck}: WATCHDOG=1 {before} times in the healthy second, {after} in 1.5 s while stuck")
+    assert before >= 5 and after == 0
+    assert daemon.failed is None

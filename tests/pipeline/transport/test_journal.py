@@ -64,6 +64,7 @@ def _daemon(bundle: Path, journal: Path, strip_frames: int, first_line: int, rat
         strip_lines=OVERLAP + strip_frames * step,
         first_line=first_line,
         defects_per_100_frames=300,
+        roll_period_lines=None,
         line_rate_hz=rate,
     )
     cfg = loopback_daemon_config(

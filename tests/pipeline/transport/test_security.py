@@ -25,7 +25,7 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _daemon(bundle: Path, keys: Path | None) -> Daemon:
-    src = SourceConfig(block_lines=128, strip_lines=768, first_line=0)
+    src = SourceConfig(block_lines=128, line_rate_hz=None, plant_defects=False, strip_lines=768, first_line=0)
     cfg = loopback_daemon_config(
         bundle=bundle,
         frame_lines=768,

@@ -1,0 +1,28 @@
+"""The one place that turns the config's source section into a ``Source``."""
+
+from __future__ import annotations
+
+from pipeline.acquisition.sources import FolderSource, Source, SyntheticSource
+from pipeline.config import Config, ConfigError
+
+
+def open_source(cfg: Config) -> Source:
+    """The camera (or stand-in) that ``daemon.source.kind`` names; ConfigError of one line when
+    its section is incomplete. GenICam and video are imported only when chosen (optional deps)."""
+    d = cfg.daemon
+    kind = d.source.kind
+    if kind == "genicam":
+        from pipeline.acquisition.genicam import GenicamSource
+
+        return GenicamSource(cfg=d.source.genicam)
+    if kind == "video":
+        from pipeline.acquisition.sources import VideoSource
+
+        if d.source.video is None:
+            raise ConfigError("daemon.source.video is required for kind: video")
+        return VideoSource(path=d.source.video)
+    if kind == "folder":
+        if d.source.folder is None:
+            raise ConfigError("daemon.source.folder is required for kind: folder")
+        return FolderSource(folder=d.source.folder, channels=1)
+    return SyntheticSource(cfg=d.source, width=cfg.synthetic.width, seed=cfg.synthetic.seed, frame_lines=d.frame_lines)
