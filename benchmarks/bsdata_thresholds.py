@@ -22,7 +22,7 @@ from calibration.evaluate import find_test_images
 from calibration.thresholds import labelled_report
 from pipeline.acquisition.images import read_image
 from pipeline.config import Config
-from pipeline.inference.patchcore import PatchCoreScorer
+from pipeline.inference.backends import open_backend
 from pipeline.postprocess.defects import per_column
 
 
@@ -37,7 +37,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     cfg = Config()
-    scorer = PatchCoreScorer.open(args.bundle, runtime=cfg.runtime, scoring=cfg.scoring)
+    scorer = open_backend(args.bundle, runtime=cfg.runtime, scoring=cfg.scoring)
     items = find_test_images(args.data)
     good = [i for i in items if i.defect_type == "good"][:: args.every]
     bad = [i for i in items if i.defect_type != "good"][:: args.every]

@@ -28,6 +28,7 @@ from calibration.evaluate import find_test_images
 from calibration.metrics import auroc, auroc_from_sorted, label_regions, pro_auc_from_regions
 from pipeline.acquisition.images import read_image, read_mask
 from pipeline.config import Config, KnnConfig
+from pipeline.inference.backends import open_backend
 from pipeline.inference.knn import FaissIndex
 from pipeline.inference.patchcore import PatchCoreScorer, resize_for_model
 from pipeline.inference.scoring import anomaly_map, reweighted_image_score
@@ -66,7 +67,9 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     cfg = Config()
-    scorer = PatchCoreScorer.open(args.bundle, runtime=cfg.runtime, scoring=cfg.scoring)
+    scorer = open_backend(args.bundle, runtime=cfg.runtime, scoring=cfg.scoring)
+    if not isinstance(scorer, PatchCoreScorer):
+        raise SystemExit(f"{args.bundle}: a {scorer.kind!r} bundle; this compares searches of a PatchCore bank")
     bank = scorer.index.vectors
     setups = []
     for text in args.choices:

@@ -25,8 +25,7 @@ from speed import CONTEXT, ReplaySource, daemon_run, ensure_bundle
 from calibration.thresholds import threshold_above_normal
 from pipeline.acquisition.synthetic import SyntheticStrip, random_defects
 from pipeline.config import Config, DaemonConfig, JournalConfig, SourceConfig
-from pipeline.inference.framescore import FrameScorer
-from pipeline.inference.patchcore import PatchCoreScorer
+from pipeline.inference.backends import open_frame_scorer
 from pipeline.service.daemon import Daemon
 from pipeline.transport.listen import listen
 from pipeline.transport.messages import LineBlock
@@ -81,9 +80,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     (work / "alerts.sqlite").unlink(missing_ok=True)
     # A pixel threshold above the normal strip (as the demo sets one), so that alerts flow.
-    fs = FrameScorer(
-        scorer=PatchCoreScorer.open(bundle, runtime=runtime, scoring=Config().scoring), tile=None, margin=0
-    )
+    fs = open_frame_scorer(bundle, runtime=runtime, scoring=Config().scoring, tile=None, margin=0)
     normal = (strip[k * 1024 : k * 1024 + 1024 + 2 * CONTEXT, :, None] for k in range(3))
     threshold = threshold_above_normal(fs, normal, factor=1.1)
     del fs

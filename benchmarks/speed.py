@@ -48,7 +48,8 @@ from pipeline.config import (
     SourceConfig,
     SyntheticConfig,
 )
-from pipeline.inference.framescore import FrameScorer
+from pipeline.inference.backends import open_backend, open_frame_scorer
+from pipeline.inference.framescore import AnyFrameScorer
 from pipeline.inference.patchcore import PatchCoreScorer
 from pipeline.inference.scoring import gaussian_kernel_size
 from pipeline.service.daemon import Daemon
@@ -163,7 +164,7 @@ class NaivePatchCore:
         return m.numpy()
 
 
-def ours_score(fs: FrameScorer, frame: np.ndarray) -> np.ndarray:
+def ours_score(fs: AnyFrameScorer, frame: np.ndarray) -> np.ndarray:
     """The daemon's scoring of one labelled frame: map of its 1024 valid lines."""
     feats = fs.features(frame[:, :, None])
     h, w = frame.shape
@@ -255,11 +256,11 @@ def main() -> None:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     exact_rt = runtime.model_copy(update={"knn": KnnConfig(index="flat")})
-    scorer = PatchCoreScorer.open(bundle, runtime=runtime, scoring=Config().scoring)
-    fs = FrameScorer(scorer=scorer, tile=None, margin=0)
-    fs_exact = FrameScorer(
-        scorer=PatchCoreScorer.open(bundle, runtime=exact_rt, scoring=Config().scoring), tile=None, margin=0
-    )
+    scorer = open_backend(bundle, runtime=runtime, scoring=Config().scoring)
+    if not isinstance(scorer, PatchCoreScorer):
+        raise SystemExit(f"{bundle}: a {scorer.kind!r} bundle; the naive reference needs a PatchCore bank")
+    fs = scorer.frame_scorer(tile=None, margin=0)
+    fs_exact = open_frame_scorer(bundle, runtime=exact_rt, scoring=Config().scoring, tile=None, margin=0)
     naive = NaivePatchCore(bank=scorer.index.vectors, sigma=Config().scoring.sigma)
 
     print(f"labelled frames: {args.eval_frames} x {args.width} px x 1024 lines", flush=True)

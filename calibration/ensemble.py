@@ -5,15 +5,28 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from pipeline.acquisition.images import ImageReadError, list_images, read_image
 from pipeline.config import Config
 from pipeline.errors import StripinspectError
-from pipeline.inference.bundle import MANIFEST_FILE, sha256_file
-from pipeline.inference.ensemble import ENSEMBLE_KIND, EnsembleManifest, MemberSpec, normal_statistics, open_member
+from pipeline.inference.backends import open_backend
+from pipeline.inference.bundle import (
+    MANIFEST_FILE,
+    SCHEMA_VERSION,
+    EnsembleManifest,
+    FittedOn,
+    InputSpec,
+    MemberSpec,
+    sha256_file,
+    write_manifest,
+)
+from pipeline.inference.ensemble import ENSEMBLE_KIND, normal_statistics
 
 
 class EnsembleError(StripinspectError):
@@ -34,16 +47,23 @@ def make_ensemble(
     files = list_images(normal)[::every]
     if len(files) < 2:
         raise EnsembleError(f"{normal}: need at least 2 normal images, found {len(files)}")
+    t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    specs = []
+    specs: list[MemberSpec] = []
+    channels: set[int] = set()
+    sizes: set[tuple[int, int]] = set()
+
+    def images(channels: int, desc: str) -> Iterator[np.ndarray]:
+        for f in tqdm(files, desc=desc, disable=not progress):
+            im = read_image(f, channels)
+            sizes.add((int(im.shape[0]), int(im.shape[1])))
+            yield im
+
     for bundle in bundles:
-        member = open_member(bundle, runtime=cfg.runtime, scoring=cfg.scoring)
+        member = open_backend(bundle, runtime=cfg.runtime, scoring=cfg.scoring)
+        channels.add(member.channels)
         try:
-            images = (read_image(f, member.channels) for f in files)
-            results = (
-                member.score(im)
-                for im in tqdm(images, total=len(files), desc=f"normal {bundle.name}", disable=not progress)
-            )
+            results = (member.score(im) for im in images(member.channels, f"normal {bundle.name}"))
             med, scale, s_med, s_scale = normal_statistics(results)
         except ImageReadError as err:
             raise EnsembleError(str(err)) from None
@@ -57,13 +77,23 @@ def make_ensemble(
                 score_scale=s_scale,
             )
         )
+    if len(channels) != 1:
+        raise EnsembleError(f"members take different channel counts {sorted(channels)}")
     manifest = EnsembleManifest(
-        schema_version=1,
+        schema_version=SCHEMA_VERSION,
         kind=ENSEMBLE_KIND,
         created_utc=dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        # Each member scales pixels its own way inside its own graph.
+        input=InputSpec(channels=channels.pop(), mean=None, std=None, scale=1.0),  # type: ignore[arg-type]
+        fitted_on=FittedOn(
+            data=str(normal),
+            images=len(files),
+            image_sizes=sorted(sizes),
+            fit_seconds=round(time.perf_counter() - t0, 3),
+        ),
+        # The ensemble has no data files of its own; its members are pinned by manifest_sha256.
+        files={},
         members=tuple(specs),
-        normal_data=str(normal),
-        normal_images=len(files),
     )
-    (out / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2) + "\n", encoding="utf-8")
+    write_manifest(out, manifest)
     return manifest

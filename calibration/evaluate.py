@@ -27,9 +27,7 @@ from calibration.plots import plot_overlay, plot_roc, plot_score_histogram
 from pipeline.acquisition.images import ImageReadError, list_images, read_image, read_mask
 from pipeline.config import Config
 from pipeline.errors import StripinspectError
-from pipeline.inference.ensemble import EnsembleScorer, is_ensemble
-from pipeline.inference.patchcore import PatchCoreScorer
-from pipeline.inference.svdd import SvddScorer, is_svdd_bundle
+from pipeline.inference.backends import open_backend
 
 
 class EvaluationError(StripinspectError):
@@ -69,16 +67,8 @@ def evaluate(
     *, bundle: Path, data: Path, out: Path, cfg: Config, overlays_per_type: int = 4, progress: bool = True
 ) -> dict[str, object]:
     items = find_test_images(data)
-    scorer: PatchCoreScorer | SvddScorer | EnsembleScorer
-    if is_ensemble(bundle):
-        scorer = EnsembleScorer.open(bundle, runtime=cfg.runtime, scoring=cfg.scoring)
-        method, bank_rows = "ensemble", 0
-    elif is_svdd_bundle(bundle):
-        scorer = SvddScorer.open(bundle, runtime=cfg.runtime)
-        method, bank_rows = str(scorer.manifest.kind), sum(s.rows for s in scorer.manifest.scales)
-    else:
-        scorer = PatchCoreScorer.open(bundle, runtime=cfg.runtime, scoring=cfg.scoring)
-        method, bank_rows = scorer.manifest.features.backbone, scorer.manifest.index.rows
+    scorer = open_backend(bundle, runtime=cfg.runtime, scoring=cfg.scoring)
+    described = scorer.describe()
     out.parent.mkdir(parents=True, exist_ok=True)
     overlay_dir = out.parent / "overlays"
     overlay_dir.mkdir(exist_ok=True)
@@ -122,9 +112,9 @@ def evaluate(
         "defect_regions": len(regions),
         "seconds_per_image": seconds / len(items),
         "bundle": str(bundle),
-        "backbone": method,
-        "bank_rows": bank_rows,
-        "scale": scorer.scale,
+        "backbone": described["backbone"],
+        "bank_rows": described["bank_rows"],
+        "scale": described["scale"],
         "data": str(data),
     }
     vmin = float(np.quantile(neg, 0.5))

@@ -22,10 +22,9 @@ from pipeline.acquisition.images import read_image, read_mask
 from pipeline.acquisition.linescan import LineAssembler
 from pipeline.acquisition.synthetic import SyntheticStrip
 from pipeline.config import Config, ConfigError
+from pipeline.inference.backends import Backend
 from pipeline.inference.bundle import BandThresholds, read_manifest, write_manifest
 from pipeline.inference.framescore import AnyFrameScorer
-from pipeline.inference.patchcore import PatchCoreScorer
-from pipeline.inference.svdd import SvddScorer, is_svdd_bundle, read_svdd_manifest
 from pipeline.postprocess.regions import find_regions
 from pipeline.transport.messages import LineBlock
 
@@ -108,8 +107,8 @@ def calibrate_thresholds(
         metres=metres,
         created_utc=dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
     )
-    # PatchCore and learned-encoder bundles keep their thresholds in the same manifest key.
-    manifest = read_svdd_manifest(bundle) if is_svdd_bundle(bundle) else read_manifest(bundle)
+    # Every bundle kind keeps its thresholds in the same manifest key.
+    manifest = read_manifest(bundle)
     write_manifest(bundle, manifest.model_copy(update={"band_thresholds": result}))
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "thresholds.json").write_text(
@@ -129,7 +128,7 @@ def calibrate_thresholds(
 
 
 def labelled_report(
-    scorer: PatchCoreScorer | SvddScorer, items: list[TestImage], *, columns: np.ndarray, min_area_px: int
+    scorer: Backend, items: list[TestImage], *, columns: np.ndarray, min_area_px: int
 ) -> dict[str, float | int]:
     """Where labelled images exist: the per-image false-positive rate on normal ones and the
     detection rate (an alarm, a region by ``pipeline.postprocess.regions``, touching the ground
@@ -190,7 +189,7 @@ def calibrate_thresholds_from_config(
     where a ``labelled`` MVTec-layout folder is given, report how they do on it."""
     from calibration.evaluate import find_test_images
     from pipeline.acquisition.images import list_images
-    from pipeline.inference.framescore import open_frame_scorer
+    from pipeline.inference.backends import open_frame_scorer
     from pipeline.postprocess.defects import per_column
 
     d = cfg.daemon

@@ -25,11 +25,12 @@ from pipeline.inference.bundle import (
     POSITION_STATS_FILE,
     SCHEMA_VERSION,
     CoresetSpec,
+    EncoderManifest,
     FeatureSpec,
     FittedOn,
     IndexSpec,
     InputSpec,
-    Manifest,
+    PatchCoreManifest,
     PositionStats,
     sha256_file,
     write_manifest,
@@ -37,7 +38,6 @@ from pipeline.inference.bundle import (
 from pipeline.inference.embed import MIN_SIDE, OnnxEmbedder
 from pipeline.inference.knn import FaissIndex, build_index, write_index
 from pipeline.inference.patchcore import resize_for_model
-from pipeline.inference.svdd import SvddManifest
 
 
 class FitError(StripinspectError):
@@ -63,7 +63,9 @@ def prepare_model(cfg: Config, out: Path, model_dir: Path | None) -> ModelInfo:
     return ModelInfo.read(out / MODEL_INFO_FILE)
 
 
-def fit_bundle(*, data: Path, out: Path, cfg: Config, model_dir: Path | None = None, progress: bool = True) -> Manifest:
+def fit_bundle(
+    *, data: Path, out: Path, cfg: Config, model_dir: Path | None = None, progress: bool = True
+) -> PatchCoreManifest:
     """Embed every image in ``data`` through the ONNX session, select the coreset, write the bundle."""
     t0 = time.perf_counter()
     files = list_images(data)
@@ -146,8 +148,9 @@ def fit_bundle(*, data: Path, out: Path, cfg: Config, model_dir: Path | None = N
         )
     index = build_index(bank, cfg.fit.index)
     write_index(index, out / INDEX_FILE)
-    manifest = Manifest(
+    manifest = PatchCoreManifest(
         schema_version=SCHEMA_VERSION,
+        kind="patchcore",
         created_utc=dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         input=InputSpec(channels=channels, mean=info.input_mean, std=info.input_std, scale=scale),  # type: ignore[arg-type]
         features=FeatureSpec(
@@ -245,7 +248,7 @@ def _position_stats(
 class FitResult:
     """What ``fit`` wrote: the bundle's manifest and a one-line summary of it for the operator."""
 
-    manifest: Manifest | SvddManifest
+    manifest: PatchCoreManifest | EncoderManifest
     summary: str
 
 

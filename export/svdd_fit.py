@@ -19,9 +19,18 @@ from export.msp import INFERENCE as MSP_SCALES
 from export.svdd import SvddError, export_dense_encoder
 from export.trained import Backend, TrainedEncoder, load_encoder, read_training_images, train_encoder, write_curves
 from pipeline.config import Config
-from pipeline.inference.bundle import MANIFEST_FILE, sha256_file
+from pipeline.inference.bundle import (
+    MODEL_FILE,
+    SCHEMA_VERSION,
+    EncoderManifest,
+    FittedOn,
+    InputSpec,
+    ScaleSpec,
+    sha256_file,
+    write_manifest,
+)
 from pipeline.inference.knn import build_index, write_index
-from pipeline.inference.svdd import MSP_KIND, SVDD_KIND, ScaleSpec, SvddManifest, dense_codes
+from pipeline.inference.svdd import MSP_KIND, SVDD_KIND, dense_codes
 
 # (patch side, inference stride, ONNX output, index file) per scale, largest first.
 SVDD_SCALES = ((64, 16, "codes64", "index.faiss"), (32, 4, "codes32", "index32.faiss"))
@@ -29,18 +38,24 @@ SVDD_SCALES = ((64, 16, "codes64", "index.faiss"), (32, 4, "codes32", "index32.f
 MSP_WINDOW = 8
 
 
-def fit_svdd(*, data: Path, out: Path, cfg: Config, encoder: Path | None = None, progress: bool = True) -> SvddManifest:
+def fit_svdd(
+    *, data: Path, out: Path, cfg: Config, encoder: Path | None = None, progress: bool = True
+) -> EncoderManifest:
     """Patch SVDD (Yi & Yoon 2020): 64 and 32 px scales, maps multiplied, image score = map max."""
     return _fit("svdd", data=data, out=out, cfg=cfg, encoder=encoder, progress=progress)
 
 
-def fit_msp(*, data: Path, out: Path, cfg: Config, encoder: Path | None = None, progress: bool = True) -> SvddManifest:
+def fit_msp(
+    *, data: Path, out: Path, cfg: Config, encoder: Path | None = None, progress: bool = True
+) -> EncoderManifest:
     """Multi-scale patch encoders (Tsai et al. 2022): 64, 32 and 16 px, maps summed, image score =
     max of 8 x 8-window means."""
     return _fit("msp", data=data, out=out, cfg=cfg, encoder=encoder, progress=progress)
 
 
-def _fit(backend: Backend, *, data: Path, out: Path, cfg: Config, encoder: Path | None, progress: bool) -> SvddManifest:
+def _fit(
+    backend: Backend, *, data: Path, out: Path, cfg: Config, encoder: Path | None, progress: bool
+) -> EncoderManifest:
     t0 = time.perf_counter()
     images = read_training_images(data)
     bank_rows = (cfg.svdd if backend == "svdd" else cfg.msp).bank_rows
@@ -68,7 +83,7 @@ def _write_bundle(
     cfg: Config,
     t0: float,
     progress: bool,
-) -> SvddManifest:
+) -> EncoderManifest:
     hist, dim = te.hist, te.dim
     kind: Literal["patch_svdd", "multiscale_patch"]
     scales: tuple[tuple[int, int, str, str], ...]
@@ -113,11 +128,19 @@ def _write_bundle(
         bank = core.finish()
         write_index(build_index(bank, "flat"), out / f)
         specs.append(ScaleSpec(patch=p, stride=st, output=o, index_file=f, rows=int(bank.shape[0])))
-    manifest = SvddManifest(
-        schema_version=1,
+    fit_seconds = round(time.perf_counter() - t0, 1)
+    manifest = EncoderManifest(
+        schema_version=SCHEMA_VERSION,
         kind=kind,
         created_utc=dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        channels=channels,
+        # The dense encoder maps pixels to [-1, 1] inside the graph (export.svdd.DenseSvdd).
+        input=InputSpec(channels=channels, mean=(127.5,) * 3, std=(127.5,) * 3, scale=1.0),
+        fitted_on=FittedOn(
+            data=str(data),
+            images=len(images),
+            image_sizes=sorted({(int(im.shape[0]), int(im.shape[1])) for im in images}),
+            fit_seconds=fit_seconds,
+        ),
         dim=dim,
         scales=tuple(specs),
         combine=combine,  # type: ignore[arg-type]
@@ -129,14 +152,13 @@ def _write_bundle(
             "stopped_early": hist.stopped_early,
             "stop_reason": hist.stop_reason,
             "train_seconds": round(hist.seconds, 1),
-            "fit_seconds": round(time.perf_counter() - t0, 1),
+            "fit_seconds": fit_seconds,
             "final_ssl_accuracy": round(te.final_ssl_accuracy, 4),
             "verified_relative_error": verified,
-            "fitted_on": str(data),
             **source,
             **te.training,
         },
-        files={n: sha256_file(out / n) for n in ("model.onnx", *(f for *_, f in scales))},
+        files={n: sha256_file(out / n) for n in (MODEL_FILE, *(f for *_, f in scales))},
     )
-    (out / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2))
+    write_manifest(out, manifest)
     return manifest

@@ -83,7 +83,7 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
         bundles=args.bundles, normal=args.normal, out=args.out, cfg=cfg, every=args.every, progress=not args.quiet
     )
     print(
-        f"ensemble {args.out}: {len(m.members)} members, normal-score statistics from {m.normal_images} images of "
+        f"ensemble {args.out}: {len(m.members)} members, normal-score statistics from {m.fitted_on.images} images of "
         f"{args.normal}"
     )
     return 0

@@ -111,17 +111,14 @@ def run_daemon_demo(*, cfg: Config, bundle: Path, steps: int = 24) -> dict[str, 
     from calibration.thresholds import threshold_above_normal
     from pipeline.acquisition.sources import SyntheticSource
     from pipeline.config import SourceConfig
+    from pipeline.inference.backends import open_frame_scorer
     from pipeline.inference.bundle import read_manifest, write_manifest
-    from pipeline.inference.framescore import FrameScorer
-    from pipeline.inference.patchcore import PatchCoreScorer
     from pipeline.service.daemon import Daemon
     from pipeline.transport.listen import collect_run
 
     d = cfg.daemon
     step = d.frame_lines - d.overlap_lines
-    fs = FrameScorer(
-        scorer=PatchCoreScorer.open(bundle, runtime=cfg.runtime, scoring=cfg.scoring), tile=d.tile, margin=d.tile_margin
-    )
+    fs = open_frame_scorer(bundle, runtime=cfg.runtime, scoring=cfg.scoring, tile=d.tile, margin=d.tile_margin)
     strip = SyntheticStrip(width=cfg.synthetic.width, seed=cfg.synthetic.seed)
     normal = (strip.render(2_000_000 + k * d.frame_lines, d.frame_lines)[0][:, :, None] for k in range(6))
     threshold = threshold_above_normal(fs, normal, factor=1.1)

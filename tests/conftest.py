@@ -104,6 +104,17 @@ def svdd_bundle(tmp_path_factory: pytest.TempPathFactory, svdd_data: Path) -> Pa
     return out
 
 
+@pytest.fixture(scope="session")
+def msp_bundle(tmp_path_factory: pytest.TempPathFactory, svdd_data: Path) -> Path:
+    from export.svdd_fit import fit_msp
+    from pipeline.config import MspConfig
+
+    out = tmp_path_factory.mktemp("msp") / "bundle"
+    cfg = Config(msp=MspConfig(dim=8, iterations=6, crops=1, samples=16, clusters=4, lr=1e-5, bank_rows=256))
+    fit_msp(data=svdd_data / "train" / "good", out=out, cfg=cfg, progress=False)
+    return out
+
+
 def loopback_daemon_config(*, bundle: Path, **overrides: Any) -> DaemonConfig:
     """A daemon config for tests: PUB and control on loopback at random ports, and a threshold
     no score reaches unless the test gives one."""

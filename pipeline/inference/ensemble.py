@@ -13,44 +13,28 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.config import RuntimeConfig, ScoringConfig
-from pipeline.inference.bundle import MANIFEST_FILE, BundleError, manifest_kind, parse_manifest_file, sha256_file
-from pipeline.inference.patchcore import ImageScore, PatchCoreScorer
-from pipeline.inference.svdd import SvddScorer, is_svdd_bundle
+from pipeline.inference.backends import Backend, open_backend
+from pipeline.inference.bundle import BundleError, EnsembleManifest, ManifestBase, member_path
+from pipeline.inference.framescore import AnyFrameScorer
+from pipeline.inference.patchcore import ImageScore
 
 ENSEMBLE_KIND: Literal["ensemble"] = "ensemble"
 
 
-class MemberSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    bundle: str = Field(description="Member bundle folder, relative to the ensemble folder or absolute.")
-    manifest_sha256: str = Field(description="sha256 of the member's manifest.json when the ensemble was made.")
-    map_median: float = Field(description="Median pixel score on the normal images.")
-    map_scale: float = Field(gt=0, description="q99.9 - median of the pixel scores on the normal images.")
-    score_median: float = Field(description="Median image score on the normal images.")
-    score_scale: float = Field(gt=0, description="Robust spread (1.4826 MAD) of the image scores on normal images.")
-
-
-class EnsembleManifest(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    schema_version: Literal[1]
-    kind: Literal["ensemble"]
-    created_utc: str
-    members: tuple[MemberSpec, ...] = Field(min_length=2)
-    normal_data: str = Field(description="Where the normal images of the statistics came from.")
-    normal_images: int = Field(ge=2)
-
-
-def is_ensemble(bundle_dir: Path) -> bool:
-    return manifest_kind(bundle_dir) == ENSEMBLE_KIND
-
-
-def open_member(bundle: Path, *, runtime: RuntimeConfig, scoring: ScoringConfig) -> PatchCoreScorer | SvddScorer:
-    if is_svdd_bundle(bundle):
-        return SvddScorer.open(bundle, runtime=runtime)
-    return PatchCoreScorer.open(bundle, runtime=runtime, scoring=scoring)
+def open_bundle(
+    bundle_dir: Path, manifest: ManifestBase, *, runtime: RuntimeConfig, scoring: ScoringConfig
+) -> EnsembleScorer:
+    """The registry's opener for ``ensemble`` bundles: each member through the registry too
+    (``read_manifest`` has checked that no member changed since the ensemble was made)."""
+    if not isinstance(manifest, EnsembleManifest):
+        raise BundleError(f"{bundle_dir}: a {manifest.kind!r} bundle is not an ensemble")
+    members = [
+        open_backend(member_path(Path(bundle_dir), spec.bundle), runtime=runtime, scoring=scoring)
+        for spec in manifest.members
+    ]
+    return EnsembleScorer(manifest=manifest, members=members)
 
 
 def normal_statistics(results: Iterable[ImageScore]) -> tuple[float, float, float, float]:
@@ -76,32 +60,39 @@ def normal_statistics(results: Iterable[ImageScore]) -> tuple[float, float, floa
 
 
 class EnsembleScorer:
-    """Scores images with every member; same ``score`` and ``channels`` as a single bundle."""
+    """Scores images with every member (a ``backends.Backend`` of images only: strip frames go
+    to one bundle, not an ensemble)."""
 
     scale = 1.0
 
-    def __init__(self, *, manifest: EnsembleManifest, members: list[PatchCoreScorer | SvddScorer]) -> None:
+    def __init__(self, *, manifest: EnsembleManifest, members: list[Backend]) -> None:
         channels = {m.channels for m in members}
         if len(channels) != 1:
             raise BundleError(f"ensemble members take different channel counts {sorted(channels)}")
+        if manifest.input.channels not in channels:
+            raise BundleError(f"ensemble manifest says {manifest.input.channels} channel(s), members take {channels}")
         self.manifest = manifest
+        self.kind = manifest.kind
         self.members = members
         self.channels = members[0].channels
 
-    @classmethod
-    def open(cls, ensemble_dir: Path, *, runtime: RuntimeConfig, scoring: ScoringConfig) -> EnsembleScorer:
-        path = Path(ensemble_dir) / MANIFEST_FILE
-        m = parse_manifest_file(path, EnsembleManifest)
-        members = []
-        for spec in m.members:
-            bundle = member_path(Path(ensemble_dir), spec.bundle)
-            mpath = bundle / MANIFEST_FILE
-            if not mpath.is_file():
-                raise BundleError(f"{path}: member {spec.bundle} has no {MANIFEST_FILE}")
-            if sha256_file(mpath) != spec.manifest_sha256:
-                raise BundleError(f"{path}: member {spec.bundle} changed since the ensemble was made; make it again")
-            members.append(open_member(bundle, runtime=runtime, scoring=scoring))
-        return cls(manifest=m, members=members)
+    def describe(self) -> dict[str, object]:
+        return {
+            "kind": self.kind,
+            "backbone": self.kind,
+            "bank_rows": 0,
+            "scale": self.scale,
+            "channels": self.channels,
+            "members": [m.describe() for m in self.members],
+        }
+
+    def check_image(self, image: np.ndarray) -> np.ndarray:
+        for m in self.members:
+            image = m.check_image(image)
+        return image
+
+    def frame_scorer(self, *, tile: int | None, margin: int) -> AnyFrameScorer:
+        raise ValueError("an ensemble scores images (evaluate); the daemon and calibrate thresholds take one bundle")
 
     def score(self, image: np.ndarray) -> ImageScore:
         maps, scores, first = [], [], None
@@ -113,8 +104,3 @@ class EnsembleScorer:
         assert first is not None
         amap = np.mean(maps, axis=0).astype(np.float32)
         return ImageScore(score=float(np.mean(scores)), patch_scores=first, anomaly_map=amap)
-
-
-def member_path(ensemble_dir: Path, bundle: str) -> Path:
-    p = Path(bundle)
-    return p if p.is_absolute() else ensemble_dir / p

@@ -1,19 +1,24 @@
-"""Score one frame of the strip: tiles batched into the ONNX session, stitched, kNN, map."""
+"""Score one frame of the strip: tiles batched into the ONNX session, stitched, kNN, map.
+
+A backend (``pipeline.inference.backends``) hands out its frame scorer with
+``frame_scorer(tile=..., margin=...)``: ``FrameScorer`` for PatchCore, ``EncoderFrameScorer``
+for the learned patch encoders. This module knows the backends' scorers by their methods only.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from pipeline.config import RuntimeConfig, ScoringConfig
-from pipeline.errors import StripinspectError
-from pipeline.inference.patchcore import ImageScore, PatchCoreScorer
-from pipeline.inference.scoring import anomaly_map, band_rows
-from pipeline.inference.svdd import SvddScorer, is_svdd_bundle, patch_mean_map
+from pipeline.inference.scoring import anomaly_map, band_rows, patch_mean_map
 from pipeline.inference.tiling import cut_tiles, plan_tiles, stitch_features
+
+if TYPE_CHECKING:
+    from pipeline.inference.backends import Backend
+    from pipeline.inference.patchcore import ImageScore, PatchCoreScorer
+    from pipeline.inference.svdd import SvddScorer
 
 ALIGN = 16  # coarsest stride of the registered backbones
 
@@ -153,10 +158,11 @@ class EncoderFrameScorer:
 class AnyFrameScorer(Protocol):
     """What the daemon needs of a frame scorer. ``features`` returns the model's output for the
     frame and ``search_band`` its band result; both are handed back to the same scorer only, so
-    they are opaque here (a PatchCore feature map, or one code map per encoder scale)."""
+    they are opaque here (a PatchCore feature map, or one code map per encoder scale). ``scorer``
+    is the backend it came from: channels, manifest (thresholds), ``check_image``."""
 
     @property
-    def scorer(self) -> PatchCoreScorer | SvddScorer: ...
+    def scorer(self) -> Backend: ...
 
     def features(self, pixels: np.ndarray) -> Any: ...
 
@@ -165,18 +171,3 @@ class AnyFrameScorer(Protocol):
     def search_band(self, feats: Any, *, valid: tuple[int, int], lines: int) -> tuple[Any, int, float]: ...
 
     def band_map(self, band: Any, first_row: int, *, out_hw: tuple[int, int]) -> np.ndarray: ...
-
-
-def open_frame_scorer(
-    bundle: Path, *, runtime: RuntimeConfig, scoring: ScoringConfig, tile: int | None, margin: int
-) -> AnyFrameScorer:
-    """The frame scorer of a PatchCore bundle or a learned-encoder bundle (Patch SVDD,
-    multi-scale) alike, as the daemon and the threshold calibration use it; a bundle that cannot
-    score frames is a StripinspectError of one line."""
-    try:
-        if is_svdd_bundle(bundle):
-            return EncoderFrameScorer(scorer=SvddScorer.open(bundle, runtime=runtime), tile=tile)
-        scorer = PatchCoreScorer.open(bundle, runtime=runtime, scoring=scoring)
-        return FrameScorer(scorer=scorer, tile=tile, margin=margin)
-    except ValueError as err:
-        raise StripinspectError(f"{bundle}: {err}") from None

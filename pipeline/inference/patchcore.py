@@ -10,8 +10,9 @@ import cv2
 import numpy as np
 
 from pipeline.config import RuntimeConfig, ScoringConfig
-from pipeline.inference.bundle import INDEX_FILE, MODEL_FILE, BundleError, Manifest, read_manifest
+from pipeline.inference.bundle import INDEX_FILE, MODEL_FILE, BundleError, ManifestBase, PatchCoreManifest
 from pipeline.inference.embed import MIN_SIDE, EmbedderError, OnnxEmbedder
+from pipeline.inference.framescore import FrameScorer
 from pipeline.inference.knn import FaissIndex, KnnError
 from pipeline.inference.scoring import anomaly_map, max_window_mean, reweighted_image_score
 
@@ -44,19 +45,30 @@ def resize_for_model(image: np.ndarray, scale: float) -> np.ndarray:
     return out.reshape(size[1], size[0], image.shape[2])
 
 
+def open_bundle(
+    bundle_dir: Path, manifest: ManifestBase, *, runtime: RuntimeConfig, scoring: ScoringConfig
+) -> PatchCoreScorer:
+    """The registry's opener for ``patchcore`` bundles (``manifest`` verified by ``read_manifest``)."""
+    if not isinstance(manifest, PatchCoreManifest):
+        raise BundleError(f"{bundle_dir}: a {manifest.kind!r} bundle is not a PatchCore bundle")
+    return PatchCoreScorer.from_files(bundle_dir, manifest, runtime=runtime, scoring=scoring)
+
+
 class PatchCoreScorer:
-    """Scores images against a bundle. Construct with ``open``; checks every file on entry."""
+    """Scores images against a PatchCore bundle (a ``backends.Backend``). Opened by
+    ``backends.open_backend``, which verifies every file first."""
 
     def __init__(
         self,
         *,
-        manifest: Manifest,
+        manifest: PatchCoreManifest,
         embedder: OnnxEmbedder,
         index: FaissIndex,
         scoring: ScoringConfig,
         position_stats: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> None:
         self.manifest = manifest
+        self.kind = manifest.kind
         # (median, MAD) per patch position, (h, w) float32 each, for images of the fitted size.
         self.position_stats = position_stats if scoring.position_normalise != "none" else None
         self.embedder = embedder
@@ -68,8 +80,9 @@ class PatchCoreScorer:
         self.num_neighbors = min(scoring.num_neighbors, index.rows)
 
     @classmethod
-    def open(cls, bundle_dir: Path, *, runtime: RuntimeConfig, scoring: ScoringConfig) -> PatchCoreScorer:
-        manifest = read_manifest(bundle_dir)
+    def from_files(
+        cls, bundle_dir: Path, manifest: PatchCoreManifest, *, runtime: RuntimeConfig, scoring: ScoringConfig
+    ) -> PatchCoreScorer:
         try:
             embedder = OnnxEmbedder.for_runtime(
                 model_path=Path(bundle_dir) / MODEL_FILE,
@@ -90,6 +103,22 @@ class PatchCoreScorer:
         if manifest.position_stats is not None:
             stats = read_position_stats(Path(bundle_dir) / manifest.position_stats.file, manifest.position_stats.grid)
         return cls(manifest=manifest, embedder=embedder, index=index, scoring=scoring, position_stats=stats)
+
+    def describe(self) -> dict[str, object]:
+        f = self.manifest.features
+        return {
+            "kind": self.kind,
+            "backbone": f.backbone,
+            "bank_rows": self.manifest.index.rows,
+            "scale": self.scale,
+            "channels": self.channels,
+            "layers": list(f.layers),
+            "embedding_dim": f.embedding_dim,
+        }
+
+    def frame_scorer(self, *, tile: int | None, margin: int) -> FrameScorer:
+        """Strip frames at full resolution, embedded whole (``tile`` None) or in tiles."""
+        return FrameScorer(scorer=self, tile=tile, margin=margin)
 
     def check_image(self, image: np.ndarray) -> np.ndarray:
         """(H, W) or (H, W, C) uint8 -> (H, W, C); ValueError with the reason otherwise."""

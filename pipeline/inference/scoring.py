@@ -77,3 +77,33 @@ def max_window_mean(amap: np.ndarray, window: int) -> float:
     c[1:, 1:] = np.cumsum(np.cumsum(amap, axis=0, dtype=np.float64), axis=1)
     sums = c[k:, k:] - c[:-k, k:] - c[k:, :-k] + c[:-k, :-k]
     return float(sums.max() / (k * k))
+
+
+def patch_mean_map(scores: np.ndarray, *, patch: int, stride: int, out_hw: tuple[int, int]) -> np.ndarray:
+    """Patch scores (h, w) of patches at (i * stride, j * stride) of side ``patch`` -> pixel map
+    (H, W) float32: each pixel the mean score of the patches covering it (Patch SVDD sec. 3.4).
+    Pixels no patch covers (a border narrower than a stride) take the nearest covered value."""
+    if patch % stride:
+        raise ValueError(f"patch {patch} must be a multiple of stride {stride}")
+    m = patch // stride
+    s = scores.astype(np.float64)
+
+    def trailing_sum(a: np.ndarray, axis: int) -> np.ndarray:
+        # Cell c sums the patches c - m + 1 .. c: those covering the stride-sized cell c; the
+        # grid is extended by m - 1 cells so the last patches' far ends are covered too.
+        pad = [(0, 0), (0, 0)]
+        pad[axis] = (m, m - 1)
+        c = np.cumsum(np.pad(a, pad), axis=axis)
+        hi = np.take(c, np.arange(m, c.shape[axis]), axis=axis)
+        lo = np.take(c, np.arange(0, c.shape[axis] - m), axis=axis)
+        return hi - lo
+
+    total = trailing_sum(trailing_sum(s, 0), 1)
+    count = trailing_sum(trailing_sum(np.ones_like(s), 0), 1)
+    cells = (total / count).astype(np.float32)  # (h + m - 1, w + m - 1) cells of stride px
+    full = np.repeat(np.repeat(cells, stride, axis=0), stride, axis=1)
+    H, W = out_hw
+    out = full[:H, :W]
+    if out.shape != (H, W):
+        out = np.pad(out, ((0, H - out.shape[0]), (0, W - out.shape[1])), mode="edge")
+    return np.ascontiguousarray(out)

@@ -16,96 +16,26 @@ from typing import Literal
 
 import numpy as np
 import onnxruntime as ort
-from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.config import RuntimeConfig
-from pipeline.inference.bundle import (
-    MANIFEST_FILE,
-    BandThresholds,
-    BundleError,
-    manifest_kind,
-    parse_manifest_file,
-    sha256_file,
-)
+from pipeline.config import RuntimeConfig, ScoringConfig
+from pipeline.inference.bundle import MODEL_FILE, BundleError, EncoderManifest, ManifestBase
+from pipeline.inference.framescore import EncoderFrameScorer
 from pipeline.inference.knn import FaissIndex, KnnError
 from pipeline.inference.patchcore import ImageScore
-from pipeline.inference.scoring import max_window_mean
+from pipeline.inference.scoring import max_window_mean, patch_mean_map
 
 SVDD_KIND: Literal["patch_svdd"] = "patch_svdd"
 MSP_KIND: Literal["multiscale_patch"] = "multiscale_patch"
-ENCODER_KINDS = (SVDD_KIND, MSP_KIND)
 
 
-class ScaleSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    patch: int = Field(ge=1, description="Patch side in pixels.")
-    stride: int = Field(ge=1, description="Pixels between neighbouring patches.")
-    output: str = Field(description="ONNX output holding this scale's codes (NHWC).")
-    index_file: str
-    rows: int = Field(ge=1)
-
-
-class SvddManifest(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    schema_version: Literal[1]
-    kind: Literal["patch_svdd", "multiscale_patch"]
-    created_utc: str
-    channels: Literal[1, 3]
-    dim: int = Field(ge=1)
-    scales: tuple[ScaleSpec, ...] = Field(min_length=1)
-    combine: Literal["product", "sum"] = Field(description="How the scales' maps are combined.")
-    image_score: Literal["max", "window_mean"] = Field(
-        default="max", description="Map maximum (Patch SVDD) or maximum of window means (multi-scale method)."
-    )
-    window: int = Field(default=1, ge=1, le=256, description="Window side in pixels for window_mean.")
-    training: dict[str, float | int | str | bool | None]
-    thresholds: dict[str, float] | None = None
-    band_thresholds: BandThresholds | None = None
-    files: dict[str, str]
-
-
-def is_svdd_bundle(bundle_dir: Path) -> bool:
-    return manifest_kind(bundle_dir) in ENCODER_KINDS
-
-
-def read_svdd_manifest(bundle_dir: Path) -> SvddManifest:
-    m = parse_manifest_file(Path(bundle_dir) / MANIFEST_FILE, SvddManifest)
-    for name, digest in m.files.items():
-        if Path(name).name != name or not (Path(bundle_dir) / name).is_file():
-            raise BundleError(f"{bundle_dir}: {name} is missing")
-        if sha256_file(Path(bundle_dir) / name) != digest:
-            raise BundleError(f"{bundle_dir}: {name} does not match its sha256 in the manifest")
-    return m
-
-
-def patch_mean_map(scores: np.ndarray, *, patch: int, stride: int, out_hw: tuple[int, int]) -> np.ndarray:
-    """Patch scores (h, w) of patches at (i * stride, j * stride) of side ``patch`` -> pixel map
-    (H, W) float32: each pixel the mean score of the patches covering it (Patch SVDD sec. 3.4).
-    Pixels no patch covers (a border narrower than a stride) take the nearest covered value."""
-    if patch % stride:
-        raise ValueError(f"patch {patch} must be a multiple of stride {stride}")
-    m = patch // stride
-    s = scores.astype(np.float64)
-
-    def trailing_sum(a: np.ndarray, axis: int) -> np.ndarray:
-        # Cell c sums the patches c - m + 1 .. c: those covering the stride-sized cell c; the
-        # grid is extended by m - 1 cells so the last patches' far ends are covered too.
-        pad = [(0, 0), (0, 0)]
-        pad[axis] = (m, m - 1)
-        c = np.cumsum(np.pad(a, pad), axis=axis)
-        hi = np.take(c, np.arange(m, c.shape[axis]), axis=axis)
-        lo = np.take(c, np.arange(0, c.shape[axis] - m), axis=axis)
-        return hi - lo
-
-    total = trailing_sum(trailing_sum(s, 0), 1)
-    count = trailing_sum(trailing_sum(np.ones_like(s), 0), 1)
-    cells = (total / count).astype(np.float32)  # (h + m - 1, w + m - 1) cells of stride px
-    full = np.repeat(np.repeat(cells, stride, axis=0), stride, axis=1)
-    H, W = out_hw
-    out = full[:H, :W]
-    if out.shape != (H, W):
-        out = np.pad(out, ((0, H - out.shape[0]), (0, W - out.shape[1])), mode="edge")
-    return np.ascontiguousarray(out)
+def open_bundle(
+    bundle_dir: Path, manifest: ManifestBase, *, runtime: RuntimeConfig, scoring: ScoringConfig
+) -> SvddScorer:
+    """The registry's opener for ``patch_svdd`` and ``multiscale_patch`` bundles (``manifest``
+    verified by ``read_manifest``); ``scoring`` is PatchCore's and unused here."""
+    if not isinstance(manifest, EncoderManifest):
+        raise BundleError(f"{bundle_dir}: a {manifest.kind!r} bundle is not a learned-encoder bundle")
+    return SvddScorer.from_files(bundle_dir, manifest, runtime=runtime)
 
 
 def dense_codes(session: ort.InferenceSession, outputs: list[str], image: np.ndarray) -> list[np.ndarray]:
@@ -115,25 +45,26 @@ def dense_codes(session: ort.InferenceSession, outputs: list[str], image: np.nda
 
 
 class SvddScorer:
-    """Scores images against a Patch SVDD bundle; same ``score`` and ``channels`` as PatchCore's."""
+    """Scores images against a Patch SVDD or multi-scale bundle (a ``backends.Backend``).
+    Opened by ``backends.open_backend``."""
 
     scale = 1.0
 
-    def __init__(self, *, manifest: SvddManifest, session: ort.InferenceSession, indexes: list[FaissIndex]) -> None:
+    def __init__(self, *, manifest: EncoderManifest, session: ort.InferenceSession, indexes: list[FaissIndex]) -> None:
         self.manifest = manifest
+        self.kind = manifest.kind
         self.session = session
         self.indexes = indexes
-        self.channels = manifest.channels
+        self.channels = manifest.input.channels
         self.min_side = max(s.patch for s in manifest.scales)
 
     @classmethod
-    def open(cls, bundle_dir: Path, *, runtime: RuntimeConfig) -> SvddScorer:
-        m = read_svdd_manifest(bundle_dir)
+    def from_files(cls, bundle_dir: Path, m: EncoderManifest, *, runtime: RuntimeConfig) -> SvddScorer:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = runtime.onnx_threads
         try:
             session = ort.InferenceSession(
-                str(Path(bundle_dir) / "model.onnx"), sess_options=opts, providers=["CPUExecutionProvider"]
+                str(Path(bundle_dir) / MODEL_FILE), sess_options=opts, providers=["CPUExecutionProvider"]
             )
             outputs = {o.name for o in session.get_outputs()}
             missing = [s.output for s in m.scales if s.output not in outputs]
@@ -156,6 +87,21 @@ class SvddScorer:
         except Exception as err:  # onnxruntime raises its own untyped errors
             raise BundleError(f"{bundle_dir}: cannot load model.onnx: {str(err).splitlines()[0]}") from None
         return cls(manifest=m, session=session, indexes=indexes)
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "kind": self.kind,
+            "backbone": self.kind,
+            "bank_rows": sum(s.rows for s in self.manifest.scales),
+            "scale": self.scale,
+            "channels": self.channels,
+            "scales": [s.patch for s in self.manifest.scales],
+        }
+
+    def frame_scorer(self, *, tile: int | None, margin: int) -> EncoderFrameScorer:
+        """Strip frames through the dense encoder whole (``tile`` must be None); ``margin`` is
+        PatchCore's tiling margin and unused here."""
+        return EncoderFrameScorer(scorer=self, tile=tile)
 
     def codes(self, image: np.ndarray) -> list[np.ndarray]:
         """Codes per scale, each (h, w, dim) float32."""

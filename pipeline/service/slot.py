@@ -17,7 +17,8 @@ import numpy as np
 from pipeline.acquisition.flatfield import FlatField
 from pipeline.config import DaemonConfig, RuntimeConfig, ScoringConfig
 from pipeline.errors import StripinspectError
-from pipeline.inference.framescore import AnyFrameScorer, open_frame_scorer
+from pipeline.inference.backends import open_frame_scorer
+from pipeline.inference.framescore import AnyFrameScorer
 from pipeline.postprocess.defects import per_column
 
 
@@ -176,7 +177,7 @@ class ModelSlot:
                     f"{name}: thresholds calibrated for {bands.band_edges_px[-1]} columns, camera has {self._width}"
                 )
             return per_column(bands.band_edges_px, bands.thresholds)
-        stored = (manifest.thresholds or {}).get("pixel")
+        stored = manifest.pixel_threshold
         if stored is None or not stored > 0:
             raise StripinspectError(f"{name}: no pixel threshold: set daemon.threshold or calibrate the bundle")
         return float(stored)

@@ -15,8 +15,8 @@ from calibration.thresholds import calibrate_thresholds, normal_maps_from_strip,
 from pipeline.acquisition.sources import SyntheticSource
 from pipeline.acquisition.synthetic import SyntheticStrip
 from pipeline.config import DaemonConfig, RuntimeConfig, ScoringConfig, SourceConfig
+from pipeline.inference.backends import open_backend
 from pipeline.inference.framescore import FrameScorer
-from pipeline.inference.patchcore import PatchCoreScorer
 from pipeline.postprocess.defects import extract_defects, per_column
 from pipeline.service.daemon import Daemon
 from pipeline.transport.messages import Frame
@@ -33,9 +33,7 @@ def test_bands_are_equal_and_cover_the_width() -> None:
 def test_calibrated_rate_holds_on_held_out_strip(strip_bundle: Path, tmp_path: Path) -> None:
     bundle = tmp_path / "b"
     shutil.copytree(strip_bundle, bundle)
-    fs = FrameScorer(
-        scorer=PatchCoreScorer.open(bundle, runtime=RuntimeConfig(), scoring=ScoringConfig()), tile=None, margin=0
-    )
+    fs = FrameScorer(scorer=open_backend(bundle, runtime=RuntimeConfig(), scoring=ScoringConfig()), tile=None, margin=0)
     strip = SyntheticStrip(width=256, seed=3)
 
     def run(first_line: int) -> list[np.ndarray]:
@@ -100,9 +98,7 @@ def test_calibrated_rate_holds_on_held_out_strip(strip_bundle: Path, tmp_path: P
 def test_drift_is_reported_against_the_calibration(strip_bundle: Path, tmp_path: Path) -> None:
     bundle = tmp_path / "b"
     shutil.copytree(strip_bundle, bundle)
-    fs = FrameScorer(
-        scorer=PatchCoreScorer.open(bundle, runtime=RuntimeConfig(), scoring=ScoringConfig()), tile=None, margin=0
-    )
+    fs = FrameScorer(scorer=open_backend(bundle, runtime=RuntimeConfig(), scoring=ScoringConfig()), tile=None, margin=0)
     strip = SyntheticStrip(width=256, seed=3)
     maps = normal_maps_from_strip(
         fs, synthetic_normal_frames(strip, first_line=400_000, frames=12, frame_lines=FRAME, overlap=OVERLAP)
@@ -173,9 +169,7 @@ def test_reload_picks_up_recalibrated_band_thresholds(strip_bundle: Path, tmp_pa
 
     bundle = tmp_path / "b"
     shutil.copytree(strip_bundle, bundle)
-    fs = FrameScorer(
-        scorer=PatchCoreScorer.open(bundle, runtime=RuntimeConfig(), scoring=ScoringConfig()), tile=None, margin=0
-    )
+    fs = FrameScorer(scorer=open_backend(bundle, runtime=RuntimeConfig(), scoring=ScoringConfig()), tile=None, margin=0)
     strip = SyntheticStrip(width=256, seed=3)
     maps = normal_maps_from_strip(
         fs, synthetic_normal_frames(strip, first_line=400_000, frames=8, frame_lines=FRAME, overlap=OVERLAP)

@@ -12,8 +12,8 @@ from calibration.evaluate import evaluate
 from export.fit import fit_bundle
 from pipeline.acquisition.images import list_images, read_image
 from pipeline.config import Config, KnnConfig, RuntimeConfig, ScoringConfig
+from pipeline.inference.backends import open_backend
 from pipeline.inference.bundle import BundleError
-from pipeline.inference.ensemble import EnsembleScorer, open_member
 
 EXACT = Config(runtime=RuntimeConfig(knn=KnnConfig(index="flat")))
 
@@ -30,14 +30,14 @@ def test_ensemble_averages_the_normalised_member_maps(members, svdd_data: Path, 
     m = make_ensemble(
         bundles=[pc, svdd], normal=svdd_data / "train" / "good", out=tmp_path / "e", cfg=EXACT, progress=False
     )
-    assert m.normal_images == 8 and len(m.members) == 2
+    assert m.fitted_on.images == 8 and len(m.members) == 2
     assert all(s.map_scale > 0 and s.score_scale > 0 for s in m.members)
-    scorer = EnsembleScorer.open(tmp_path / "e", runtime=EXACT.runtime, scoring=ScoringConfig())
+    scorer = open_backend(tmp_path / "e", runtime=EXACT.runtime, scoring=ScoringConfig())
     image = read_image(list_images(svdd_data / "test" / "defect")[0], 1)
     got = scorer.score(image)
     want_maps, want_scores = [], []
     for spec, bundle in zip(m.members, (pc, svdd), strict=True):
-        r = open_member(bundle, runtime=EXACT.runtime, scoring=ScoringConfig()).score(image)
+        r = open_backend(bundle, runtime=EXACT.runtime, scoring=ScoringConfig()).score(image)
         want_maps.append((r.anomaly_map - spec.map_median) / spec.map_scale)
         want_scores.append((r.score - spec.score_median) / spec.score_scale)
     np.testing.assert_allclose(got.anomaly_map, np.mean(want_maps, axis=0), rtol=1e-5, atol=1e-6)
@@ -62,4 +62,4 @@ def test_a_changed_member_or_bad_request_is_one_clear_error(members, svdd_data: 
     manifest["created_utc"] = "2000-01-01T00:00:00Z"
     (pc2 / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match="changed since the ensemble was made"):
-        EnsembleScorer.open(tmp_path / "e", runtime=EXACT.runtime, scoring=ScoringConfig())
+        open_backend(tmp_path / "e", runtime=EXACT.runtime, scoring=ScoringConfig())

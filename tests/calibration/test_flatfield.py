@@ -11,8 +11,8 @@ from calibration.flatfield import calibrate_flatfield, compute_flatfield, profil
 from pipeline.acquisition.flatfield import FlatField, FlatFieldError, load_flatfield
 from pipeline.acquisition.synthetic import LineCamera, SyntheticStrip, uniform_target
 from pipeline.config import ConfigError, RuntimeConfig, ScoringConfig
+from pipeline.inference.backends import open_backend
 from pipeline.inference.framescore import FrameScorer
-from pipeline.inference.patchcore import PatchCoreScorer
 
 WIDTH = 256
 
@@ -81,7 +81,7 @@ def test_score_maps_lose_the_camera_column_pattern(strip_bundle: Path) -> None:
     gain = gain * (strip._vignette / strip._vignette.mean()).astype(np.float32)
     ff = FlatField(offset=offset, gain=gain)
     fs = FrameScorer(
-        scorer=PatchCoreScorer.open(strip_bundle, runtime=RuntimeConfig(), scoring=ScoringConfig()), tile=None, margin=0
+        scorer=open_backend(strip_bundle, runtime=RuntimeConfig(), scoring=ScoringConfig()), tile=None, margin=0
     )
 
     def column_structure(correct: bool, ideal: bool = False) -> float:

@@ -6,8 +6,8 @@ import pytest
 
 from export.fit import FitError, fit, fit_bundle
 from pipeline.config import Config, CoresetConfig, FitConfig
+from pipeline.inference.backends import open_backend
 from pipeline.inference.bundle import read_manifest
-from pipeline.inference.patchcore import PatchCoreScorer
 from tests.conftest import small_config
 
 
@@ -30,7 +30,7 @@ def test_fit_at_half_scale_scores_at_full_size(synthetic_dataset: Path, effnet_m
         data=synthetic_dataset / "train/good", out=tmp_path / "b", cfg=cfg, model_dir=effnet_model_dir, progress=False
     )
     assert m.input.scale == 0.5 and m.coreset.patches_seen == 10 * 8 * 16
-    scorer = PatchCoreScorer.open(tmp_path / "b", runtime=cfg.runtime, scoring=cfg.scoring)
+    scorer = open_backend(tmp_path / "b", runtime=cfg.runtime, scoring=cfg.scoring)
     result = scorer.score(np.full((128, 256), 120, np.uint8))
     assert result.anomaly_map.shape == (128, 256) and result.patch_scores.shape == (8, 16)
 

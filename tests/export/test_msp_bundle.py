@@ -7,11 +7,10 @@ import numpy as np
 import pytest
 
 from calibration.evaluate import evaluate
-from export.svdd_fit import fit_msp
 from pipeline.acquisition.images import list_images, read_image
-from pipeline.config import Config, KnnConfig, MspConfig, RuntimeConfig
-from pipeline.inference.scoring import max_window_mean
-from pipeline.inference.svdd import SvddScorer, patch_mean_map
+from pipeline.config import Config, KnnConfig, RuntimeConfig, ScoringConfig
+from pipeline.inference.backends import open_backend
+from pipeline.inference.scoring import max_window_mean, patch_mean_map
 
 
 def test_max_window_mean_is_the_largest_mean_of_any_window() -> None:
@@ -26,14 +25,6 @@ def test_max_window_mean_is_the_largest_mean_of_any_window() -> None:
     assert max_window_mean(small, 8) == pytest.approx(brute_small, rel=1e-6)
 
 
-@pytest.fixture(scope="module")
-def msp_bundle(tmp_path_factory: pytest.TempPathFactory, svdd_data: Path) -> Path:
-    out = tmp_path_factory.mktemp("msp") / "bundle"
-    cfg = Config(msp=MspConfig(dim=8, iterations=6, crops=1, samples=16, clusters=4, lr=1e-5, bank_rows=256))
-    fit_msp(data=svdd_data / "train" / "good", out=out, cfg=cfg, progress=False)
-    return out
-
-
 def test_fit_writes_a_bundle_with_three_summed_scales(msp_bundle: Path, svdd_data: Path, tmp_path: Path) -> None:
     m = json.loads((msp_bundle / "manifest.json").read_text())
     assert m["kind"] == "multiscale_patch" and m["combine"] == "sum" and m["image_score"] == "window_mean"
@@ -41,7 +32,7 @@ def test_fit_writes_a_bundle_with_three_summed_scales(msp_bundle: Path, svdd_dat
     assert m["training"]["verified_relative_error"] <= 1e-4 and (msp_bundle / "loss.png").is_file()
     curves = json.loads((msp_bundle / "training.json").read_text())
     assert len(curves["cos"]) == len(curves["kmeans"]) == m["training"]["steps"] == m["training"]["iterations"] == 6
-    scorer = SvddScorer.open(msp_bundle, runtime=RuntimeConfig(knn=KnnConfig(index="flat")))
+    scorer = open_backend(msp_bundle, runtime=RuntimeConfig(knn=KnnConfig(index="flat")), scoring=ScoringConfig())
     image = read_image(list_images(svdd_data / "test" / "defect")[0], 1)
     result = scorer.score(image)
     maps = []

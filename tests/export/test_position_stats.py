@@ -18,8 +18,8 @@ from pipeline.config import (
     ScoringConfig,
     parse_config,
 )
+from pipeline.inference.backends import open_backend
 from pipeline.inference.bundle import POSITION_STATS_FILE, BundleError, read_manifest
-from pipeline.inference.patchcore import PatchCoreScorer
 from pipeline.inference.scoring import anomaly_map
 
 EXACT = RuntimeConfig(knn=KnnConfig(index="flat"))
@@ -44,7 +44,7 @@ def test_fit_writes_cross_fitted_statistics(stats_bundle: Path, synthetic_datase
     assert median.shape == mad.shape == (16, 32) and (mad > 0).all()
     # Cross-fitting: a training image scored against the bank that holds its own patches scores
     # lower than against a bank chosen without them, which is what the statistics describe.
-    scorer = PatchCoreScorer.open(stats_bundle, runtime=EXACT, scoring=ScoringConfig(position_normalise="none"))
+    scorer = open_backend(stats_bundle, runtime=EXACT, scoring=ScoringConfig(position_normalise="none"))
     own = np.stack([scorer.score(read_image(f, 1)).patch_scores for f in list_images(synthetic_dataset / "train/good")])
     print(f"median patch score: cross-fitted {np.median(median):.3f}, against the full bank {np.median(own):.3f}")
     assert np.median(median) > 1.2 * np.median(own)
@@ -56,9 +56,9 @@ def test_scorer_scores_images_by_their_largest_2x2_mean_position_z_score(
     image = read_image(next(iter(list_images(synthetic_dataset / "test" / "defect"))), 1)
     with np.load(stats_bundle / POSITION_STATS_FILE) as z:
         median, mad = z["median"], z["mad"]
-    raw = PatchCoreScorer.open(stats_bundle, runtime=EXACT, scoring=ScoringConfig(position_normalise="none"))
-    img = PatchCoreScorer.open(stats_bundle, runtime=EXACT, scoring=ScoringConfig(position_normalise="image"))
-    zmap = PatchCoreScorer.open(stats_bundle, runtime=EXACT, scoring=ScoringConfig(position_normalise="map"))
+    raw = open_backend(stats_bundle, runtime=EXACT, scoring=ScoringConfig(position_normalise="none"))
+    img = open_backend(stats_bundle, runtime=EXACT, scoring=ScoringConfig(position_normalise="image"))
+    zmap = open_backend(stats_bundle, runtime=EXACT, scoring=ScoringConfig(position_normalise="map"))
     r_raw, r_img, r_map = raw.score(image), img.score(image), zmap.score(image)
     z = (r_raw.patch_scores - median) / mad
     windows = [z[i : i + 2, j : j + 2].mean() for i in range(z.shape[0] - 1) for j in range(z.shape[1] - 1)]
@@ -100,6 +100,6 @@ def test_bad_statistics_and_settings_are_one_clear_error(stats_bundle: Path, tmp
         b, m.model_copy(update={"files": {**m.files, POSITION_STATS_FILE: sha256_file(b / POSITION_STATS_FILE)}})
     )
     with pytest.raises(BundleError, match=r"statistics of shape \(3, 3\), manifest says \(16, 32\)"):
-        PatchCoreScorer.open(b, runtime=EXACT, scoring=ScoringConfig())
+        open_backend(b, runtime=EXACT, scoring=ScoringConfig())
     with pytest.raises(ConfigError, match="position_folds"):
         parse_config({"fit": {"position_folds": 1}})

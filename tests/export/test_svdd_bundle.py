@@ -8,9 +8,10 @@ import pytest
 
 from calibration.evaluate import evaluate
 from pipeline.acquisition.images import read_image
-from pipeline.config import Config, KnnConfig, RuntimeConfig
+from pipeline.config import Config, KnnConfig, RuntimeConfig, ScoringConfig
+from pipeline.inference.backends import open_backend
 from pipeline.inference.bundle import BundleError
-from pipeline.inference.svdd import SvddScorer, patch_mean_map
+from pipeline.inference.scoring import patch_mean_map
 from tests.conftest import loopback_daemon_config
 
 
@@ -37,7 +38,7 @@ def test_fit_writes_a_bundle_that_evaluate_scores(svdd_bundle: Path, svdd_data: 
     print({k: metrics[k] for k in ("image_auroc", "pixel_auroc", "pixel_aupro", "seconds_per_image")})
     assert metrics["backbone"] == "patch_svdd" and metrics["images"] == 8
     # The map is the product of the two scales' patch-mean maps; the image score is its max.
-    scorer = SvddScorer.open(svdd_bundle, runtime=RuntimeConfig(knn=KnnConfig(index="flat")))
+    scorer = open_backend(svdd_bundle, runtime=RuntimeConfig(knn=KnnConfig(index="flat")), scoring=ScoringConfig())
     image = read_image(next((svdd_data / "test" / "defect").iterdir()), 1)
     result = scorer.score(image)
     maps = []
@@ -59,15 +60,15 @@ def test_a_tampered_svdd_bundle_is_one_clear_error(svdd_bundle: Path, tmp_path: 
     shutil.copytree(svdd_bundle, b)
     with open(b / "index32.faiss", "ab") as f:
         f.write(b"\0")
-    with pytest.raises(BundleError, match="index32.faiss does not match its sha256"):
-        SvddScorer.open(b, runtime=RuntimeConfig())
+    with pytest.raises(BundleError, match=r"index32.faiss sha256 .* does not match manifest"):
+        open_backend(b, runtime=RuntimeConfig(), scoring=ScoringConfig())
 
 
 def test_band_maps_equal_the_whole_frame_map_on_the_valid_rows(svdd_bundle: Path) -> None:
     from pipeline.acquisition.synthetic import SyntheticStrip
     from pipeline.inference.framescore import EncoderFrameScorer
 
-    scorer = SvddScorer.open(svdd_bundle, runtime=RuntimeConfig(knn=KnnConfig(index="flat")))
+    scorer = open_backend(svdd_bundle, runtime=RuntimeConfig(knn=KnnConfig(index="flat")), scoring=ScoringConfig())
     fs = EncoderFrameScorer(scorer=scorer, tile=None)
     frame = SyntheticStrip(width=256, seed=5).render(3000, 768)[0][:, :, None]
     whole = fs.score(frame).anomaly_map
@@ -91,12 +92,14 @@ def test_the_daemon_serves_an_svdd_bundle(svdd_bundle: Path) -> None:
     from calibration.thresholds import threshold_above_normal
     from pipeline.acquisition.sources import SyntheticSource
     from pipeline.acquisition.synthetic import SyntheticStrip
-    from pipeline.config import ScoringConfig, SourceConfig
+    from pipeline.config import SourceConfig
     from pipeline.inference.framescore import EncoderFrameScorer
     from pipeline.service.daemon import Daemon
     from pipeline.transport.listen import collect_run
 
-    fs = EncoderFrameScorer(scorer=SvddScorer.open(svdd_bundle, runtime=RuntimeConfig()), tile=None)
+    fs = EncoderFrameScorer(
+        scorer=open_backend(svdd_bundle, runtime=RuntimeConfig(), scoring=ScoringConfig()), tile=None
+    )
     strip = SyntheticStrip(width=256, seed=1)
     threshold = threshold_above_normal(fs, (strip.render(50_000 + k * 768, 768)[0][:, :, None] for k in range(4)))
     frames = 8
@@ -147,8 +150,8 @@ def test_thresholds_calibrated_for_an_encoder_bundle_drive_the_daemon(
     import zmq
 
     from pipeline.acquisition.sources import SyntheticSource
-    from pipeline.config import ScoringConfig, SourceConfig
-    from pipeline.inference.svdd import read_svdd_manifest
+    from pipeline.config import SourceConfig
+    from pipeline.inference.bundle import read_manifest
     from pipeline.postprocess.defects import per_column
     from pipeline.service.daemon import Daemon
     from stripinspect.cli import main
@@ -160,10 +163,10 @@ def test_thresholds_calibrated_for_an_encoder_bundle_drive_the_daemon(
     args = ["calibrate", "thresholds", "--config", str(cfg_file), "--bundle", str(bundle), "--frames", "4"]
     args += ["--bands", "2", "--alarms-per-km", "500", "--min-area-mm2", "1", "--out", str(tmp_path / "r")]
     assert main([*args, "--labelled", str(svdd_data), "--quiet"]) == 0
-    bands = read_svdd_manifest(bundle).band_thresholds
+    bands = read_manifest(bundle).band_thresholds
     assert bands is not None and bands.band_edges_px == [0, 128, 256] and len(bands.thresholds) == 2
     assert all(t > 0 for t in bands.thresholds) and (tmp_path / "r" / "labelled.json").is_file()
-    SvddScorer.open(bundle, runtime=RuntimeConfig())  # the rewritten manifest still verifies
+    open_backend(bundle, runtime=RuntimeConfig(), scoring=ScoringConfig())  # the rewritten manifest still verifies
     src = SourceConfig(block_lines=128, line_rate_hz=None, plant_defects=False, strip_lines=2000)
     cfg = loopback_daemon_config(bundle=bundle, threshold=None, frame_lines=768, overlap_lines=384, source=src)
     ctx = zmq.Context()

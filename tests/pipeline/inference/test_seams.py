@@ -13,16 +13,16 @@ import pytest
 from pipeline.acquisition.linescan import LineAssembler
 from pipeline.acquisition.synthetic import PlantedDefect, SyntheticStrip
 from pipeline.config import RuntimeConfig, ScoringConfig
+from pipeline.inference.backends import Backend, open_backend
 from pipeline.inference.framescore import FrameScorer
-from pipeline.inference.patchcore import PatchCoreScorer
 from pipeline.inference.tiling import plan_tiles
 from pipeline.transport.messages import LineBlock
 
 MARGIN = 176
 
 
-def _scorer(bundle: Path) -> PatchCoreScorer:
-    return PatchCoreScorer.open(bundle, runtime=RuntimeConfig(), scoring=ScoringConfig())
+def _scorer(bundle: Path) -> Backend:
+    return open_backend(bundle, runtime=RuntimeConfig(), scoring=ScoringConfig())
 
 
 def _rel(a: np.ndarray, b: np.ndarray) -> float:

@@ -11,8 +11,8 @@ from calibration.thresholds import threshold_above_normal
 from pipeline.acquisition.sources import SyntheticSource
 from pipeline.acquisition.synthetic import SyntheticStrip
 from pipeline.config import DaemonConfig, RuntimeConfig, ScoringConfig, SourceConfig
+from pipeline.inference.backends import open_backend
 from pipeline.inference.framescore import FrameScorer
-from pipeline.inference.patchcore import PatchCoreScorer
 from pipeline.service.daemon import Daemon
 from pipeline.transport.listen import collect_run
 
@@ -23,9 +23,7 @@ MM_PX, MM_LINE = 0.5, 0.5
 def _threshold(bundle: Path) -> float:
     """Above every pixel of a stretch of normal strip the daemon has not seen (calibration will
     do this properly; here it keeps the test independent of that issue)."""
-    fs = FrameScorer(
-        scorer=PatchCoreScorer.open(bundle, runtime=RuntimeConfig(), scoring=ScoringConfig()), tile=None, margin=0
-    )
+    fs = FrameScorer(scorer=open_backend(bundle, runtime=RuntimeConfig(), scoring=ScoringConfig()), tile=None, margin=0)
     strip = SyntheticStrip(width=WIDTH, seed=3)
     frames = (strip.render(20_000 + k * FRAME, FRAME)[0][:, :, None] for k in range(8))
     return threshold_above_normal(fs, frames, factor=1.1)

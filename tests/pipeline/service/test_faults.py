@@ -217,9 +217,9 @@ def test_a_bundle_fitted_on_other_channels_is_refused_at_start(strip_bundle: Pat
 def test_non_finite_features_are_a_bad_frame_not_a_crash(strip_bundle: Path) -> None:
     import numpy as np
 
-    from pipeline.inference.patchcore import PatchCoreScorer
+    from pipeline.inference.backends import open_backend
 
-    scorer = PatchCoreScorer.open(strip_bundle, runtime=RuntimeConfig(), scoring=ScoringConfig())
+    scorer = open_backend(strip_bundle, runtime=RuntimeConfig(), scoring=ScoringConfig())
     feats = np.ones((4, 5, scorer.index.dim), np.float32)
     feats[1, 2, 3] = np.nan  # faiss would abort the process on NaN distances
     with pytest.raises(ValueError, match="not finite"):

@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 from pipeline.acquisition.linescan import BadBlockError, LineAssembler
 from pipeline.acquisition.synthetic import SyntheticStrip
 from pipeline.config import Config, ConfigError, RuntimeConfig, ScoringConfig, load_config
+from pipeline.inference.backends import open_backend
 from pipeline.inference.bundle import INDEX_FILE, MANIFEST_FILE, MODEL_FILE, BundleError, sha256_file
-from pipeline.inference.patchcore import PatchCoreScorer
 from pipeline.service.daemon import Daemon
 from pipeline.transport.messages import LineBlock
 from tests.conftest import loopback_daemon_config
@@ -124,7 +124,7 @@ def test_fuzzed_bundles_load_or_fail_with_one_line(
     if forge and target != MANIFEST_FILE:
         _rehash(b)
     try:
-        PatchCoreScorer.open(b, runtime=RuntimeConfig(), scoring=ScoringConfig())
+        open_backend(b, runtime=RuntimeConfig(), scoring=ScoringConfig())
     except BundleError as err:
         assert "\n" not in str(err)
 
