@@ -67,15 +67,17 @@ def find_regions(
     whose first row lies in [from, to) (a frame's valid rows); None keeps all rows.
     """
     per_col = column_thresholds(threshold, score_map.shape[1])
-    n, labels, stats, centroids, keep = _components(score_map, per_col, min_area_px, first_rows)
-    # Relabel so that the label image holds the counted regions only, numbered 1..len(keep).
-    lut = np.zeros(n, np.int32)
-    lut[keep] = np.arange(1, keep.size + 1, dtype=np.int32)
-    labels = lut[labels]
+    n, crop, row0, stats, centroids, keep = _components(score_map, per_col, min_area_px, first_rows)
+    # The label image holds the counted regions only, numbered 1..len(keep).
+    labels = np.zeros(score_map.shape, np.int32)
     if keep.size == 0:
         return Regions(labels=labels, regions=())
-    on = labels > 0
-    lab, vals = labels[on], score_map[on].astype(np.float64)
+    lut = np.zeros(n, np.int32)
+    lut[keep] = np.arange(1, keep.size + 1, dtype=np.int32)
+    rows = lut[crop]
+    labels[row0 : row0 + rows.shape[0]] = rows
+    on = rows > 0
+    lab, vals = rows[on], score_map[row0 : row0 + rows.shape[0]][on].astype(np.float64)
     total = np.bincount(lab, weights=vals, minlength=keep.size + 1)[1:]
     peak = np.full(keep.size + 1, -np.inf)
     np.maximum.at(peak, lab, vals)
@@ -108,26 +110,35 @@ def region_columns(
     """``Region.column`` of every region ``find_regions`` returns, int (n,), without the pixel
     statistics: for counting regions by band, thousands of times in a calibration."""
     per_col = column_thresholds(threshold, score_map.shape[1])
-    _, _, _, centroids, keep = _components(score_map, per_col, min_area_px, first_rows)
+    _, _, _, _, centroids, keep = _components(score_map, per_col, min_area_px, first_rows)
     return np.minimum(centroids[keep, 0].astype(np.int64), per_col.size - 1)
 
 
 def _components(
     score_map: np.ndarray, per_col: np.ndarray, min_area_px: int, first_rows: tuple[int, int] | None
-) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The rule itself: (label count, labels, stats, centroids) of OpenCV's connected
-    components of the hot pixels, and the labels of the regions that count."""
+) -> tuple[int, np.ndarray, int, np.ndarray, np.ndarray, np.ndarray]:
+    """The rule itself: OpenCV's connected components of the hot pixels, labelled on the rows
+    from the first to the last that hold any (a normal frame has few, and labelling a whole
+    frame costs more than the rest of the rule): (label count, labels of those rows, their
+    first row, stats and centroids in map coordinates, the labels of the regions that count)."""
     if score_map.ndim != 2:
         raise ValueError(f"score map must be (lines, width), got {score_map.shape}")
     if min_area_px < 1:
         raise ValueError(f"min_area_px must be >= 1, got {min_area_px}")
     hot = (score_map > per_col[None, :]).astype(np.uint8)
-    n, labels, stats, centroids = cv2.connectedComponentsWithStats(hot, connectivity=CONNECTIVITY)
+    rows = np.flatnonzero(hot.any(axis=1))
+    if rows.size == 0:
+        nothing = np.zeros(0, np.int64)
+        return 1, np.zeros((0, score_map.shape[1]), np.int32), 0, np.zeros((1, 5), np.int32), np.zeros((1, 2)), nothing
+    row0, row1 = int(rows[0]), int(rows[-1]) + 1
+    n, labels, stats, centroids = cv2.connectedComponentsWithStats(hot[row0:row1], connectivity=CONNECTIVITY)
+    stats[:, cv2.CC_STAT_TOP] += row0
+    centroids[:, 1] += row0
     keep = np.flatnonzero(stats[1:, cv2.CC_STAT_AREA] >= min_area_px) + 1
     if first_rows is not None:
         top = stats[keep, cv2.CC_STAT_TOP]
         keep = keep[(top >= first_rows[0]) & (top < first_rows[1])]
-    return n, labels, stats, centroids, keep
+    return n, labels, row0, stats, centroids, keep
 
 
 def band_of(column: int, edges: list[int]) -> int:
