@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, TextIO
@@ -27,6 +28,7 @@ from pipeline.service.daemon import Daemon
 
 log = logging.getLogger("stripinspect.run")
 STATUS_PERIOD_S = 1.0
+RATE_WINDOW_S = 5.0
 CLEAR = "\r\x1b[K"  # carriage return, erase to end of line
 
 
@@ -82,7 +84,9 @@ class Console:
 
     def __init__(self, *, stream: TextIO, tty: bool, log_json: bool) -> None:
         self._stream, self._tty, self._json = stream, tty and not log_json, log_json
-        self._last: tuple[float, int, int] | None = None  # time, frames scored, lines
+        # (time, frames scored, lines) of the last RATE_WINDOW_S: a line delivering 1.25 frames/s
+        # reads 1 or 2 frames in any one second, so rates are taken over a few seconds.
+        self._seen: deque[tuple[float, int, int]] = deque()
         self._last_alert = -1
         self._console_log = logging.getLogger("stripinspect.console")
 
@@ -90,11 +94,13 @@ class Console:
         counts = snap["counts"]
         frames, lines = counts.get("frames_scored_total", 0), counts.get("lines_total", 0)
         fps = mpx = 0.0
-        if self._last is not None and now > self._last[0]:
-            dt = now - self._last[0]
-            fps = (frames - self._last[1]) / dt
-            mpx = (lines - self._last[2]) * snap["camera"].get("width", 0) / dt / 1e6
-        self._last = (now, frames, lines)
+        while self._seen and now - self._seen[0][0] > RATE_WINDOW_S:
+            self._seen.popleft()
+        if self._seen and now > self._seen[0][0]:
+            t0, frames0, lines0 = self._seen[0]
+            fps = (frames - frames0) / (now - t0)
+            mpx = (lines - lines0) * snap["camera"].get("width", 0) / (now - t0) / 1e6
+        self._seen.append((now, frames, lines))
         e2e = snap["latency_seconds"].get("end_to_end", {})
         return {
             "state": snap["state"],

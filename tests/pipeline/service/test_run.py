@@ -93,3 +93,19 @@ def test_run_drains_a_finite_strip_and_prints_the_summary(strip_bundle: Path, tm
     assert any(r["message"].startswith("running: PUB tcp://127.0.0.1:") for r in records)
     status = [r for r in records if r.get("event") == "status"]
     assert status and {"frames_per_s", "mpx_per_s", "alerts", "drops", "e2e_p50_ms", "e2e_p99_ms"} <= set(status[-1])
+
+
+def test_console_rates_are_taken_over_a_few_seconds() -> None:
+    # A line at 1.5 frames/s delivers 1 or 2 frames in any one second; the status line must not
+    # flicker between the two.
+    console = Console(stream=io.StringIO(), tty=False, log_json=False)
+    frames = 0
+    rates = []
+    for second in range(12):
+        rates.append(console.status(_snap(frames, frames * 640, []), now=100.0 + second)["frames_per_s"])
+        frames += 1 if second % 2 else 2
+    assert rates[0] == 0.0
+    assert all(1.3 <= r <= 1.7 for r in rates[5:]), rates
+    assert console.status(_snap(frames, frames * 640, []), now=112.0)["mpx_per_s"] == pytest.approx(
+        1.5 * 640 * 1000 / 1e6, rel=0.15
+    )
