@@ -37,9 +37,10 @@ class Source(Protocol):
 
 class SyntheticSource:
     """The procedural strip as a line camera: blocks of lines, paced by the wall clock when
-    ``line_rate_hz`` is set, with defects planted along the strip (``planted`` is the ground
-    truth). What is planted where depends only on the seed and the strip position, never on
-    timing, so a run can be replayed."""
+    ``line_rate_hz`` is set, with defects planted along the strip. ``planted`` is the ground
+    truth: every defect ahead of the camera and the last ``KEEP_PASSED`` behind it. What is
+    planted where depends only on the seed and the strip position, never on timing, so a run
+    can be replayed."""
 
     def __init__(self, *, cfg: SourceConfig, width: int, seed: int, frame_lines: int) -> None:
         if frame_lines < 64:
@@ -114,6 +115,13 @@ class SyntheticSource:
         self._plan(self._line + n + self._frame_lines)
         while self._live < len(self.planted) and self.planted[self._live].line < self._line - _PASSED:
             self._live += 1
+        if self._live > KEEP_PASSED:
+            # A daemon runs for months: the ground truth keeps the last KEEP_PASSED defects the
+            # camera has passed (and the roll mark), not every one since start.
+            drop = self._live - KEEP_PASSED
+            periodic = [d for d in self.planted[:drop] if d.period]
+            self.planted[:drop] = periodic
+            self._live -= drop - len(periodic)
         near = [
             d for d in self.planted[self._live :] if not d.period and abs(d.line - self._line) < n + 4 * d.size + 16
         ]
@@ -150,6 +158,9 @@ class SyntheticSource:
     def close(self) -> None:
         pass
 
+
+# Planted defects behind the camera kept in ``SyntheticSource.planted``.
+KEEP_PASSED = 10_000
 
 # Lines behind the camera after which a planted (non-periodic) defect can no longer reach a
 # block: more than the largest defect's reach (2 size + 8 for a 60 px scratch).

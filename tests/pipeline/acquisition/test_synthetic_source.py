@@ -7,7 +7,9 @@ returns within its timeout, a stalled reader caught up), not absolute speeds: th
 import time
 
 import numpy as np
+import pytest
 
+from pipeline.acquisition import sources
 from pipeline.acquisition.sources import SyntheticSource
 from pipeline.acquisition.synthetic import DEFECT_KINDS, SyntheticStrip
 from pipeline.config import Config, SourceConfig
@@ -132,3 +134,20 @@ def test_planting_off_plants_nothing() -> None:
     img = _read_lines(src, 20 * FRAME)
     assert src.planted == []
     assert np.array_equal(img, SyntheticStrip(width=WIDTH, seed=1).render(0, 20 * FRAME)[0])
+
+
+def test_ground_truth_stays_bounded_on_an_endless_strip(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = {"line_rate_hz": None, "block_lines": 1024, "defects_per_100_frames": 300, "roll_period_lines": 2048}
+    full = _source(**settings)
+    untrimmed = _read_lines(full, 80 * FRAME)
+    monkeypatch.setattr(sources, "KEEP_PASSED", 10)
+    src = _source(**settings)
+    pixels = _read_lines(src, 80 * FRAME)
+    everything = [d for d in full.planted if not d.period]
+    kept = [d for d in src.planted if not d.period]
+    assert len(everything) > 80  # up to 3 a frame over 80 frames, where they find room
+    # The last 10 passed and those still ahead of the camera (up to a block and a frame ahead).
+    assert 10 < len(kept) <= 10 + 3 * (1024 + 2 * FRAME) // FRAME + 10
+    assert kept == everything[-len(kept) :]
+    assert [d.period for d in src.planted if d.period] == [2048]  # the roll mark is kept
+    assert np.array_equal(pixels, untrimmed)  # trimming changes no pixel
