@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import threading
 import time
 from collections.abc import Callable
@@ -21,8 +20,6 @@ from typing import Any
 import numpy as np
 import zmq
 
-from pipeline.acquisition.edges import EdgeTracker
-from pipeline.acquisition.linescan import LineAssembler
 from pipeline.acquisition.sources import Source
 from pipeline.config import DaemonConfig, RuntimeConfig, ScoringConfig
 from pipeline.service.camera import CameraSupervisor
@@ -30,7 +27,7 @@ from pipeline.service.control import BindError, Commands, ControlServer
 from pipeline.service.drift import DriftMonitor
 from pipeline.service.health import HealthLoop, Liveness, watchdog_period_s
 from pipeline.service.slot import ModelSlot
-from pipeline.service.stages import AcquireStage, EmbedStage, Flow, PublishStage, ScoreStage
+from pipeline.service.stages import Flow, build_stages
 from pipeline.service.stats import Stats
 from pipeline.service.systemd import notify
 from pipeline.transport.journal import AlertJournal
@@ -121,76 +118,21 @@ class Daemon:
             stats=stats,
         )
         self.drift_monitor = DriftMonitor(window=cfg.drift_window_frames)
-        frames: queue.Queue[Any] = queue.Queue(maxsize=cfg.queue_frames)
-        # Small: only the embed/score hand-over; backpressure beyond it lands on `frames`.
-        embedded: queue.Queue[Any] = queue.Queue(maxsize=2)
-        results: queue.Queue[Any] = queue.Queue(maxsize=cfg.queue_results)
-        acquired, embedding_done, scoring_done = threading.Event(), threading.Event(), threading.Event()
-        in_flight = threading.Semaphore(cfg.frames_in_flight)
-        self._acquire_go = threading.Event()
-        assembler = LineAssembler(
-            width=source.width,
-            channels=source.channels,
-            lines=cfg.frame_lines,
-            overlap=cfg.overlap_lines,
-            mm_per_line=cfg.mm_per_line,
-            camera_id=cfg.camera_id,
-        )
-        self._publish = PublishStage(
+        self._pipeline = build_stages(
+            cfg=cfg,
+            source=source,
+            camera=self.camera,
+            slot=self.slot,
             publisher=self.publisher,
             journal=self.journal,
-            inp=results,
-            upstream_done=scoring_done,
+            drift=self.drift_monitor,
             heartbeat=self._heartbeat,
-            heartbeat_s=cfg.heartbeat_s,
             drained=self._drained,
             stats=stats,
             flow=flow,
         )
-        self._stages: list[tuple[str, Callable[[], None]]] = [
-            ("publish", self._publish.run),
-            (
-                "score",
-                ScoreStage(
-                    slot=self.slot,
-                    inp=embedded,
-                    upstream_done=embedding_done,
-                    out=results,
-                    done=scoring_done,
-                    in_flight=in_flight,
-                    edge_tracker=EdgeTracker(max_jump_px=cfg.max_edge_jump_px),
-                    drift=self.drift_monitor,
-                    stats=stats,
-                    flow=flow,
-                ).run,
-            ),
-            (
-                "embed",
-                EmbedStage(
-                    slot=self.slot,
-                    inp=frames,
-                    upstream_done=acquired,
-                    out=embedded,
-                    done=embedding_done,
-                    in_flight=in_flight,
-                    stats=stats,
-                    flow=flow,
-                ).run,
-            ),
-            ("control", lambda: self._control.run(self.stop_event, flow.live)),
-            (
-                "acquire",
-                AcquireStage(
-                    camera=self.camera,
-                    assembler=assembler,
-                    out=frames,
-                    go=self._acquire_go,
-                    done=acquired,
-                    stats=stats,
-                    flow=flow,
-                ).run,
-            ),
-        ]
+        # Publish first (wait() watches it), acquire last of the stages; control beside them.
+        self._stages = [*self._pipeline.runs, ("control", lambda: self._control.run(self.stop_event, flow.live))]
         self._health = HealthLoop(
             liveness=flow.live,
             threads=lambda: list(self._threads),
@@ -252,7 +194,7 @@ class Daemon:
             "camera": self.camera_status(),
             **self.stats.snapshot(),
         }
-        return {**out, "recent_alerts": self._publish.recent_alerts()} if alerts else out
+        return {**out, "recent_alerts": self._pipeline.publish.recent_alerts()} if alerts else out
 
     def _heartbeat(self) -> dict[str, Any]:
         return {**self.snapshot(alerts=False), "frame_id": None, "capture_time": None}
@@ -276,7 +218,7 @@ class Daemon:
 
     def start_acquisition(self) -> None:
         self.state = "running"
-        self._acquire_go.set()
+        self._pipeline.go.set()
         notify("READY=1")
 
     def _guard(self, target: Callable[[], None]) -> Callable[[], None]:

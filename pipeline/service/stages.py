@@ -23,6 +23,8 @@ import numpy as np
 
 from pipeline.acquisition.edges import EdgeTracker, detect_edges, mask_outside
 from pipeline.acquisition.linescan import BadBlockError, LineAssembler
+from pipeline.acquisition.sources import Source
+from pipeline.config import DaemonConfig
 from pipeline.postprocess.defects import extract_defects
 from pipeline.service.camera import CameraSupervisor
 from pipeline.service.drift import DriftMonitor
@@ -410,3 +412,82 @@ class PublishStage:
             self.publisher.send_stamped(h)
         with self._recent_lock:
             self._recent.extend(headers)
+
+
+@dataclass(frozen=True)
+class Stages:
+    """The four stages joined by their bounded queues: ``runs`` in start order (publish first,
+    so every stage finds its consumer running; acquire last), the publish stage (recent alerts)
+    and the event that starts acquisition."""
+
+    runs: tuple[tuple[str, Callable[[], None]], ...]
+    publish: PublishStage
+    go: threading.Event
+
+
+def build_stages(
+    *,
+    cfg: DaemonConfig,
+    source: Source,
+    camera: CameraSupervisor,
+    slot: ModelSlot,
+    publisher: Publisher,
+    journal: AlertJournal | None,
+    drift: DriftMonitor,
+    heartbeat: Callable[[], dict[str, Any]],
+    drained: Callable[[], None],
+    stats: Stats,
+    flow: Flow,
+) -> Stages:
+    frames: queue.Queue[Any] = queue.Queue(maxsize=cfg.queue_frames)
+    # Small: only the embed/score hand-over; backpressure beyond it lands on `frames`.
+    embedded: queue.Queue[Any] = queue.Queue(maxsize=2)
+    results: queue.Queue[Any] = queue.Queue(maxsize=cfg.queue_results)
+    acquired, embedding_done, scoring_done = threading.Event(), threading.Event(), threading.Event()
+    # Tokens for frames between the start of embedding and the end of scoring.
+    in_flight = threading.Semaphore(cfg.frames_in_flight)
+    go = threading.Event()
+    assembler = LineAssembler(
+        width=source.width,
+        channels=source.channels,
+        lines=cfg.frame_lines,
+        overlap=cfg.overlap_lines,
+        mm_per_line=cfg.mm_per_line,
+        camera_id=cfg.camera_id,
+    )
+    publish = PublishStage(
+        publisher=publisher,
+        journal=journal,
+        inp=results,
+        upstream_done=scoring_done,
+        heartbeat=heartbeat,
+        heartbeat_s=cfg.heartbeat_s,
+        drained=drained,
+        stats=stats,
+        flow=flow,
+    )
+    score = ScoreStage(
+        slot=slot,
+        inp=embedded,
+        upstream_done=embedding_done,
+        out=results,
+        done=scoring_done,
+        in_flight=in_flight,
+        edge_tracker=EdgeTracker(max_jump_px=cfg.max_edge_jump_px),
+        drift=drift,
+        stats=stats,
+        flow=flow,
+    )
+    embed = EmbedStage(
+        slot=slot,
+        inp=frames,
+        upstream_done=acquired,
+        out=embedded,
+        done=embedding_done,
+        in_flight=in_flight,
+        stats=stats,
+        flow=flow,
+    )
+    acquire = AcquireStage(camera=camera, assembler=assembler, out=frames, go=go, done=acquired, stats=stats, flow=flow)
+    runs = (("publish", publish.run), ("score", score.run), ("embed", embed.run), ("acquire", acquire.run))
+    return Stages(runs=runs, publish=publish, go=go)
