@@ -345,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     rj.add_argument("--seconds", type=float, default=None, help="stop after this long")
     rj.set_defaults(func=cmd_reject_sim)
 
-    cal = sub.add_parser("calibrate", help="measure the camera: flat-field (scale and thresholds to come)")
+    cal = sub.add_parser("calibrate", help="measure the camera and the normal strip: flat-field, scale, thresholds")
     cal_sub = cal.add_subparsers(dest="step", required=True)
     ffp = cal_sub.add_parser("flatfield", help="per-column offset and gain from dark and white references")
     ffp.add_argument("--dark", type=Path, required=True, help="image file or folder, lens capped")

@@ -1,8 +1,10 @@
 """The four stage loops and the typed items between them.
 
 acquire -> (frames) -> embed: flat-field, ONNX -> (embedded) -> score: kNN, map, defects ->
-(results) -> publish. Embedding frame n+1 and searching the bank for frame n run at the same
-time (both release the GIL), so two cores are busy. The camera thread never waits for scoring:
+(results) -> publish. With ``daemon.frames_in_flight: 2`` embedding frame n+1 and searching the
+bank for frame n run at the same time (both release the GIL); with 1 (the default, lower
+latency) each frame is embedded and searched before the next starts, each library using both
+cores itself. The camera thread never waits for scoring:
 a full queue drops the frame and counts it by stage and reason. Every loop beats its liveness
 each time round (waits have timeouts), and each one after acquire drains: it ends at the end
 marker its upstream queues after its last item.

@@ -20,6 +20,20 @@ def _coloured(img: np.ndarray) -> int:
     return int((img.astype(np.int16).std(axis=2) > 40).sum())
 
 
+def _pixels_of(img: np.ndarray, rgb: tuple[int, int, int]) -> int:
+    bgr = np.array(rgb[::-1], dtype=np.int16)
+    return int((np.abs(img.astype(np.int16) - bgr).max(axis=2) < 40).sum())
+
+
+def _red_lines(img: np.ndarray) -> list[float]:
+    """Columns (mean x of each run) where a vertical line of matplotlib's tab:red is drawn."""
+    b, g, r = (img[:, :, i].astype(np.int16) for i in range(3))
+    red = (abs(r - 214) < 40) & (abs(g - 39) < 40) & (abs(b - 40) < 40)
+    columns = np.flatnonzero(red.sum(axis=0) > img.shape[0] // 3)
+    runs = np.split(columns, np.flatnonzero(np.diff(columns) > 1) + 1)
+    return [float(run.mean()) for run in runs if run.size]
+
+
 def test_band_curves(tmp_path: Path) -> None:
     curves = [[(t, 2000.0 * np.exp(-3 * (t - 1 - 0.2 * k))) for t in np.linspace(1, 3, 30)] for k in range(4)]
     path = plots.plot_band_curves(
@@ -43,9 +57,19 @@ def test_flatfield_and_scale(tmp_path: Path) -> None:
         )
     )
     assert img.shape == (400, 800, 3) and _coloured(img) > 500
+    # The three curves, each in its colour (tab:red raw white, tab:green corrected, tab:blue dark).
+    for rgb in ((214, 39, 40), (44, 160, 44), (31, 119, 180)):
+        assert _pixels_of(img, rgb) > 300, rgb
     profile = np.where((cols >= 150) & (cols < 450), 210.0, 20.0)
     img = _png(plots.plot_scale_profile(tmp_path / "scale.png", profile=profile, edges=(149.5, 449.5), width_mm=150))
-    assert img.shape == (350, 800, 3) and _coloured(img) > 100  # the red edge lines
+    assert img.shape == (350, 800, 3)
+    # The edge lines stand where the edges are: drawn for edges 50 columns further left, both
+    # lines move by the same number of pixels, 50/300 of the distance between them.
+    moved = _png(plots.plot_scale_profile(tmp_path / "moved.png", profile=profile, edges=(99.5, 399.5), width_mm=150))
+    (left, right), (left2, right2) = _red_lines(img), _red_lines(moved)
+    assert right - left == pytest.approx(right2 - left2, abs=1.5)
+    assert left - left2 == pytest.approx(right - right2, abs=1.5)
+    assert left - left2 == pytest.approx((right - left) * 50 / 300, abs=2.0)
 
 
 def test_loss_curves_one_panel_per_term(tmp_path: Path) -> None:

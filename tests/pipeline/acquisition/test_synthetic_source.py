@@ -12,8 +12,9 @@ import pytest
 from pipeline.acquisition import sources
 from pipeline.acquisition.sources import SyntheticSource
 from pipeline.acquisition.synthetic import DEFECT_KINDS, SyntheticStrip
-from pipeline.config import Config, SourceConfig
+from pipeline.config import Config, SourceConfig, load_config
 from pipeline.transport.messages import LineBlock
+from tests.conftest import REPO
 
 WIDTH, FRAME = 128, 256
 
@@ -32,7 +33,8 @@ def _read_lines(src: SyntheticSource, lines: int) -> np.ndarray:
 
 
 def test_shipped_camera_is_paced_and_plants_defects() -> None:
-    src = Config().daemon.source
+    assert load_config(REPO / "config.yaml").daemon.source == Config().daemon.source
+    src = load_config(REPO / "config.yaml").daemon.source
     assert src.kind == "synthetic" and src.line_rate_hz is not None
     assert src.plant_defects and src.defects_per_100_frames > 0 and src.roll_period_lines is not None
 
