@@ -167,12 +167,11 @@ class Daemon:
         """Rolling median score of the normal surface against the calibration's (bundle quantiles)."""
         return self.drift_monitor.report(reference=self.slot.calibrated_normal_median(), bound=self.cfg.drift_bound)
 
-    def reload(self) -> dict[str, Any]:
-        """Load the configured bundle again (SIGHUP); swapped in between frames. The reply."""
-        reply = self.slot.reload()
-        if not reply["ok"]:
-            log.error("reload failed, the running model stays: %s", reply["error"])
-        return reply
+    def request_reload(self) -> None:
+        """Load the configured bundle again (SIGHUP), on the control thread, which keeps beating
+        meanwhile; swapped in between frames. Safe in a signal handler: it only sets an event."""
+        self._control.reload_asked.set()
+
 
     # --- reports -------------------------------------------------------------------------
 

@@ -160,10 +160,13 @@ def signals_to(daemon: Daemon) -> Iterator[None]:
         yield
         return
 
-    def reload(*_: Any) -> None:
-        daemon.reload()
-
-    wanted = {signal.SIGTERM: lambda *_: daemon.stop(), signal.SIGINT: lambda *_: daemon.stop(), signal.SIGHUP: reload}
+    # Handlers only set events: a reload (seconds of hashing and warm-up) runs on the control
+    # thread, which keeps the watchdog fed, not inside the handler on the main thread.
+    wanted = {
+        signal.SIGTERM: lambda *_: daemon.stop(),
+        signal.SIGINT: lambda *_: daemon.stop(),
+        signal.SIGHUP: lambda *_: daemon.request_reload(),
+    }
     previous = {sig: signal.signal(sig, handler) for sig, handler in wanted.items()}
     try:
         yield
