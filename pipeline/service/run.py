@@ -208,9 +208,12 @@ def run(cfg: Config, *, quiet: bool, log_json: bool, err: TextIO | None = None, 
                 if console is not None:
                     console.update(daemon.snapshot(), time.monotonic())  # the totals, drained
         finally:
-            if server is not None:
+            if server is not None:  # first: it reads the daemon
                 server.shutdown()
                 server.server_close()
+            # Also when start() or the console raised: no threads or sockets left behind.
+            daemon.stop()
+            daemon.join()
             if console is not None:
                 console.close()
         summary = daemon.stats.snapshot()
