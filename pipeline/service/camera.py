@@ -34,6 +34,7 @@ class CameraSupervisor:
         self._stats = stats
         self._ratelog = RateLimitedLog(log, interval_s=10.0)
         self.online = True
+        self.reading = False  # between ``start`` and ``finish``: only then must ``progress`` move
         self.progress = time.monotonic()
         self._last_block = self.progress
         self._next_reopen, self._backoff = 0.0, 0.0
@@ -47,6 +48,11 @@ class CameraSupervisor:
     def start(self) -> None:
         """Acquisition begins: the stall clock starts now, not at construction."""
         self.progress = self._last_block = time.monotonic()
+        self.reading = True
+
+    def finish(self) -> None:
+        """The acquire stage reads no more (the source ended, or stop): nothing to supervise."""
+        self.reading = False
 
     def read(self, timeout: float) -> tuple[LineBlock | None, bool]:
         """(block or None, True when the block is the first after an outage: lines are lost,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -12,10 +13,13 @@ import zmq
 
 from pipeline.errors import StripinspectError
 from pipeline.service.health import Liveness
+from pipeline.service.ratelog import RateLimitedLog
 from pipeline.service.slot import ModelSlot
 from pipeline.transport.journal import AlertJournal
 
+log = logging.getLogger("stripinspect.control")
 COMMANDS = "status, reload, recipe, replay, stop"
+POLL_S = 0.2  # the control loop comes round (beats, sees stop) at least this often
 
 
 class BindError(StripinspectError):
@@ -54,6 +58,8 @@ class Commands:
             return self.slot.set_threshold(req["threshold"])
         if cmd == "reload":
             bundle = req.get("bundle")
+            if bundle is not None and not isinstance(bundle, str):
+                return {"ok": False, "error": f"bundle must be a path (a string), got {bundle!r}"}
             return self.slot.reload(Path(bundle) if bundle else None)
         return {"ok": False, "error": f"unknown command {cmd!r}; known: {COMMANDS}"}
 
@@ -91,6 +97,8 @@ class ControlServer:
         handle: Callable[[Any, dict[str, Any]], dict[str, Any]],
     ) -> None:
         self._handle = handle
+        self._ratelog = RateLimitedLog(log, interval_s=10.0)
+        self.reload_asked = threading.Event()  # set from a signal handler; the run loop reloads
         self._sock = context.socket(zmq.REP)
         self._sock.setsockopt(zmq.LINGER, 0)
         if secure is not None:
@@ -107,15 +115,44 @@ class ControlServer:
         poller.register(self._sock, zmq.POLLIN)
         while not stop.is_set():
             live.beat("control")
-            if not poller.poll(200):
+            if self.reload_asked.is_set():  # SIGHUP: the handler only sets the event
+                self.reload_asked.clear()
+                reply = self._call("reload", {}, stop=stop, live=live)
+                if not reply["ok"]:
+                    log.error("reload failed, the running model stays: %s", reply["error"])
+            if not poller.poll(int(POLL_S * 1000)):
                 continue
             raw = self._sock.recv()
             try:
                 req = json.loads(raw)
                 cmd = req.get("cmd") if isinstance(req, dict) else None
-            except (json.JSONDecodeError, UnicodeDecodeError):
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
                 cmd, req = None, {}
-            self._sock.send_json(self._handle(cmd, req if isinstance(req, dict) else {}))
+            # A REP socket must answer every request, whatever the handler did.
+            self._sock.send_json(self._call(cmd, req if isinstance(req, dict) else {}, stop=stop, live=live))
+
+    def _call(self, cmd: Any, req: dict[str, Any], *, stop: threading.Event, live: Liveness) -> dict[str, Any]:
+        """``handle`` on a short-lived worker thread while this one keeps beating: a reload
+        (hashing, an ONNX session, a warm-up) may take longer than ``stage_stuck_s``, and systemd
+        must not kill a daemon that is loading its next model. Abandoned (not killed) on stop."""
+        box: dict[str, dict[str, Any]] = {}
+
+        def work() -> None:
+            try:
+                box["reply"] = self._handle(cmd, req)
+            except Exception as err:  # one bad request must never stop the line
+                self._ratelog.error("handler", "control request %r failed: %r", cmd, err, exc_info=True)
+                box["reply"] = {"ok": False, "error": f"internal error: {err!r}"}
+
+        worker = threading.Thread(target=work, name="stripinspect-control-request", daemon=True)
+        worker.start()
+        while True:
+            worker.join(POLL_S)
+            if not worker.is_alive():
+                return box["reply"]
+            live.beat("control")
+            if stop.is_set():
+                return {"ok": False, "error": f"daemon stopping: {cmd!r} abandoned"}
 
     def close(self) -> None:
         self._sock.close(0)

@@ -23,7 +23,7 @@ import zmq
 from pipeline.acquisition.sources import Source
 from pipeline.config import DaemonConfig, RuntimeConfig, ScoringConfig
 from pipeline.service.camera import CameraSupervisor
-from pipeline.service.control import BindError, Commands, ControlServer
+from pipeline.service.control import POLL_S, BindError, Commands, ControlServer
 from pipeline.service.drift import DriftMonitor
 from pipeline.service.health import HealthLoop, Liveness, watchdog_period_s
 from pipeline.service.slot import ModelSlot
@@ -35,6 +35,8 @@ from pipeline.transport.publish import Publisher
 from pipeline.transport.security import CurveServer
 
 log = logging.getLogger("stripinspect.daemon")
+CONTROL_JOIN_S = POLL_S + 1.0  # the control loop sees stop within one poll (an abandoned request too)
+HEALTH_JOIN_S = 5.0  # the health loop wakes at once when told it is done
 
 
 class Daemon:
@@ -60,8 +62,16 @@ class Daemon:
         self._threads: list[threading.Thread] = []
         self._health_done = threading.Event()
         self._health_thread: threading.Thread | None = None
+        # (what, stage threads that use it, close): closed in reverse order, never while one of
+        # those threads still runs (ZeroMQ sockets are not thread-safe; a read may be in the driver).
+        self._closers: list[tuple[str, tuple[str, ...], Callable[[], None]]] = []
+
+        def opened_by(what: str, users: tuple[str, ...], close: Callable[[], None]) -> None:
+            opened.callback(close)  # a failed constructor closes everything, no thread runs yet
+            self._closers.append((what, users, close))
+
         with ExitStack() as opened:
-            opened.callback(source.close)
+            opened_by("source", ("acquire",), source.close)
             self.slot = ModelSlot(
                 cfg=cfg, runtime=runtime, scoring=scoring, width=source.width, channels=source.channels
             )
@@ -72,11 +82,11 @@ class Daemon:
                 self.journal = AlertJournal(
                     path=j.path, max_rows=j.max_rows, max_age_s=j.max_age_days * 86400.0, synchronous=j.synchronous
                 )
-                opened.callback(self.journal.close)
+                opened_by("alert journal", ("publish", "control"), self.journal.close)
             curve = None
             if cfg.curve_keys is not None:
                 curve = CurveServer(context=self._context, keys_dir=cfg.curve_keys)
-                opened.callback(curve.stop)  # the ZAP thread
+                opened_by("ZAP thread", (), curve.stop)
             secure = curve.secure if curve is not None else None
             try:
                 self.publisher = Publisher(
@@ -89,7 +99,7 @@ class Daemon:
             except OSError as err:
                 reason = err if err.errno is None else os.strerror(err.errno)
                 raise BindError(key="daemon.pub_endpoint", endpoint=cfg.pub_endpoint, reason=reason) from None
-            opened.callback(self.publisher.close)
+            opened_by("PUB socket", ("publish",), self.publisher.close)
             if self.journal is not None:
                 # Alert numbers continue across restarts: a subscriber never sees one number twice.
                 self.publisher.seq["alert"] = self.journal.last_seq
@@ -103,10 +113,10 @@ class Daemon:
             self._control = ControlServer(
                 context=self._context, endpoint=cfg.control_endpoint, secure=secure, handle=commands.handle
             )
-            opened.callback(self._control.close)
-            self._close = opened.pop_all()
-        self.control_endpoint = self._control.endpoint
-        self._wire(cfg)
+            opened_by("control socket", ("control",), self._control.close)
+            self.control_endpoint = self._control.endpoint
+            self._wire(cfg)
+            opened.pop_all()  # from here on ``close`` closes them
 
     def _wire(self, cfg: DaemonConfig) -> None:
         flow, stats, source = self._flow, self.stats, self.source
@@ -136,7 +146,9 @@ class Daemon:
         self._health = HealthLoop(
             liveness=flow.live,
             threads=lambda: list(self._threads),
-            camera_progress=lambda: self.camera.progress,
+            # Only while the acquire stage reads: before acquisition starts and while it hands
+            # its last frames on, the camera does not move and need not.
+            camera_progress=lambda: self.camera.progress if self.camera.reading else None,
             stuck_s=cfg.stage_stuck_s,
             period_s=watchdog_period_s(),
         )
@@ -167,12 +179,10 @@ class Daemon:
         """Rolling median score of the normal surface against the calibration's (bundle quantiles)."""
         return self.drift_monitor.report(reference=self.slot.calibrated_normal_median(), bound=self.cfg.drift_bound)
 
-    def reload(self) -> dict[str, Any]:
-        """Load the configured bundle again (SIGHUP); swapped in between frames. The reply."""
-        reply = self.slot.reload()
-        if not reply["ok"]:
-            log.error("reload failed, the running model stays: %s", reply["error"])
-        return reply
+    def request_reload(self) -> None:
+        """Load the configured bundle again (SIGHUP), on the control thread, which keeps beating
+        meanwhile; swapped in between frames. Safe in a signal handler: it only sets an event."""
+        self._control.reload_asked.set()
 
     # --- reports -------------------------------------------------------------------------
 
@@ -206,7 +216,7 @@ class Daemon:
 
     def start(self, *, acquire: bool = True) -> None:
         for name, target in self._stages:
-            t = threading.Thread(target=self._guard(target), name=f"stripinspect-{name}", daemon=True)
+            t = threading.Thread(target=self._guard(name, target), name=f"stripinspect-{name}", daemon=True)
             t.start()
             self._threads.append(t)
         self._health_thread = threading.Thread(
@@ -221,8 +231,10 @@ class Daemon:
         self._pipeline.go.set()
         notify("READY=1")
 
-    def _guard(self, target: Callable[[], None]) -> Callable[[], None]:
+    def _guard(self, name: str, target: Callable[[], None]) -> Callable[[], None]:
         def run() -> None:
+            # A stage that hangs before its own first beat is stuck too, not ageless.
+            self._flow.live.beat(name)
             try:
                 target()
             except Exception as err:
@@ -243,24 +255,37 @@ class Daemon:
 
     def join(self, timeout: float = 30.0) -> None:
         """Wait for the pipeline to drain, then stop the control and health threads and close
-        everything in reverse order of opening."""
+        everything in reverse order of opening; idempotent."""
         deadline = time.monotonic() + timeout
         for t in reversed(self._threads):
             if not t.name.endswith("control"):
                 t.join(max(0.0, deadline - time.monotonic()))
         self.stop_event.set()
         for t in self._threads:
-            t.join(max(0.0, deadline - time.monotonic()))
+            if t.name.endswith("control"):
+                t.join(CONTROL_JOIN_S)  # its own bound: a stuck stage may have used the deadline
         self.close()
 
     def close(self) -> None:
         """Close sockets, journal, ZAP thread and source without draining (also for a daemon
-        that was never started); idempotent."""
+        that was never started); idempotent. What a still running thread uses stays open (an
+        error names the thread) and is closed by a later ``close``."""
         self.stop_event.set()
         self._health_done.set()
         if self._health_thread is not None:
-            self._health_thread.join()
-        self._close.close()
+            self._health_thread.join(HEALTH_JOIN_S)
+            if self._health_thread.is_alive():
+                log.error("thread %s did not stop within %.0f s", self._health_thread.name, HEALTH_JOIN_S)
+        running = {t.name.removeprefix("stripinspect-") for t in self._threads if t.is_alive()}
+        kept = []
+        for what, users, close in reversed(self._closers):
+            busy = sorted(running.intersection(users))
+            if busy:
+                log.error("not closing the %s: thread stripinspect-%s still runs", what, busy[0])
+                kept.append((what, users, close))
+            else:
+                close()
+        self._closers = kept[::-1]
 
     def wait(self, timeout: float) -> bool:
         """True once the pipeline has drained (the source ended) or ``stop`` was asked for;

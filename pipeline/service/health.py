@@ -55,7 +55,7 @@ class HealthLoop:
         *,
         liveness: Liveness,
         threads: Callable[[], list[threading.Thread]],
-        camera_progress: Callable[[], float],
+        camera_progress: Callable[[], float | None],
         stuck_s: float,
         period_s: float,
     ) -> None:
@@ -75,7 +75,8 @@ class HealthLoop:
             name = t.name.removeprefix("stripinspect-")
             if ages.get(name, 0.0) > self._stuck_s:
                 out[name] = f"stage {name} stuck for {ages[name]:.1f} s"
-        camera_age = time.monotonic() - self._camera_progress()
+        progress = self._camera_progress()  # None while the camera is not being read
+        camera_age = 0.0 if progress is None else time.monotonic() - progress
         if camera_age > self._stuck_s:
             out["camera"] = f"camera supervisor made no progress for {camera_age:.1f} s"
         return out

@@ -19,6 +19,13 @@ class RateLimitedLog:
 
     def warning(self, key: str, msg: str, *args: object) -> bool:
         """Log unless ``key`` was logged within the interval; True when it was logged."""
+        return self._emit(logging.WARNING, key, msg, args, exc_info=False)
+
+    def error(self, key: str, msg: str, *args: object, exc_info: bool = False) -> bool:
+        """As ``warning``, at error level, with the current exception's traceback on request."""
+        return self._emit(logging.ERROR, key, msg, args, exc_info=exc_info)
+
+    def _emit(self, level: int, key: str, msg: str, args: tuple[object, ...], *, exc_info: bool) -> bool:
         now = time.monotonic()
         with self._lock:
             if now - self._last.get(key, -1e18) < self._interval:
@@ -27,5 +34,5 @@ class RateLimitedLog:
             held = self._held.pop(key, 0)
             self._last[key] = now
         suffix = f" ({held} more like it since the last report)" if held else ""
-        self._log.warning(msg + suffix, *args)
+        self._log.log(level, msg + suffix, *args, exc_info=exc_info)
         return True

@@ -160,10 +160,13 @@ def signals_to(daemon: Daemon) -> Iterator[None]:
         yield
         return
 
-    def reload(*_: Any) -> None:
-        daemon.reload()
-
-    wanted = {signal.SIGTERM: lambda *_: daemon.stop(), signal.SIGINT: lambda *_: daemon.stop(), signal.SIGHUP: reload}
+    # Handlers only set events: a reload (seconds of hashing and warm-up) runs on the control
+    # thread, which keeps the watchdog fed, not inside the handler on the main thread.
+    wanted = {
+        signal.SIGTERM: lambda *_: daemon.stop(),
+        signal.SIGINT: lambda *_: daemon.stop(),
+        signal.SIGHUP: lambda *_: daemon.request_reload(),
+    }
     previous = {sig: signal.signal(sig, handler) for sig, handler in wanted.items()}
     try:
         yield
@@ -205,9 +208,12 @@ def run(cfg: Config, *, quiet: bool, log_json: bool, err: TextIO | None = None, 
                 if console is not None:
                     console.update(daemon.snapshot(), time.monotonic())  # the totals, drained
         finally:
-            if server is not None:
+            if server is not None:  # first: it reads the daemon
                 server.shutdown()
                 server.server_close()
+            # Also when start() or the console raised: no threads or sockets left behind.
+            daemon.stop()
+            daemon.join()
             if console is not None:
                 console.close()
         summary = daemon.stats.snapshot()

@@ -21,6 +21,16 @@ from pipeline.inference.backends import open_frame_scorer
 from pipeline.inference.framescore import AnyFrameScorer
 from pipeline.postprocess.defects import per_column
 
+# What loading and warming up a bundle raises for a bad bundle, file or model (onnxruntime's own
+# untyped errors at session creation come wrapped in a StripinspectError): the reply says so and
+# the running model stays. Anything else is a bug, answered by the control server as internal.
+LOAD_ERRORS = (StripinspectError, ValueError, RuntimeError, OSError)
+
+
+def _one_line(err: Exception) -> str:
+    text = " ".join(str(err).split())
+    return text if isinstance(err, StripinspectError) else f"{type(err).__name__}: {text}"
+
 
 @dataclass(frozen=True)
 class Model:
@@ -63,10 +73,6 @@ class ModelSlot:
         self._width, self._channels = width, channels
         cfg = cfg if cfg.recipe is None else cfg.with_recipe(cfg.recipe)
         fs = self._load(cfg.bundle, cfg)
-        if fs.scorer.channels != channels:
-            raise StripinspectError(
-                f"camera delivers {channels} channel(s), bundle {cfg.bundle} was fitted on {fs.scorer.channels}"
-            )
         flatfield = self._flatfield(cfg)  # a missing calibration file is named before a missing threshold
         self._model = Model(frame_scorer=fs, threshold=self._threshold_for(fs, cfg), cfg=cfg, flatfield=flatfield)
         self._pending: dict[str, Any] = {}
@@ -108,7 +114,7 @@ class ModelSlot:
         medians = bands.normal_quantiles.get("q0.5") if bands is not None else None
         return float(np.mean(medians)) if medians else None
 
-    # --- replacements (control thread, SIGHUP) ------------------------------------------
+    # --- replacements (a control request, on its worker thread) --------------------------
 
     def reload(self, bundle: Path | None = None) -> dict[str, Any]:
         """Load ``bundle`` (default: the current one again) and its threshold; the reply."""
@@ -117,8 +123,8 @@ class ModelSlot:
         try:
             fs = self._load(path, cfg)
             threshold = self._threshold_for(fs, cfg, bundle=path)
-        except StripinspectError as err:
-            return {"ok": False, "error": str(err)}  # the running model stays
+        except LOAD_ERRORS as err:
+            return {"ok": False, "error": _one_line(err)}  # the running model stays
         self._stage(frame_scorer=fs, threshold=threshold)
         return {"ok": True, "bundle": str(path)}
 
@@ -137,8 +143,8 @@ class ModelSlot:
             fs = self._load(new_cfg.bundle, new_cfg)
             threshold = self._threshold_for(fs, new_cfg)
             ff = self._flatfield(new_cfg)
-        except StripinspectError as err:
-            return {"ok": False, "error": str(err)}  # the running recipe stays
+        except LOAD_ERRORS as err:
+            return {"ok": False, "error": _one_line(err)}  # the running recipe stays
         self._stage(frame_scorer=fs, threshold=threshold, cfg=new_cfg, flatfield=ff)
         return {"ok": True, "recipe": name}
 
@@ -149,17 +155,22 @@ class ModelSlot:
     # --- loading ------------------------------------------------------------------------
 
     def _load(self, bundle: Path, cfg: DaemonConfig) -> AnyFrameScorer:
+        """Open and warm up ``bundle``; StripinspectError of one line when the camera cannot feed it."""
         fs = open_frame_scorer(
             bundle, runtime=self._runtime, scoring=self._scoring, tile=cfg.tile, margin=cfg.tile_margin
         )
-        if fs.scorer.channels == self._channels:
-            # One frame of the real size before the first real one: onnxruntime sizes its arena
-            # and picks kernels per input shape, which otherwise makes frame one twice as slow
-            # and the p99 latency a start-up artefact.
-            lines, width = cfg.frame_lines, self._width
-            feats = fs.features(np.zeros((lines, width, fs.scorer.channels), dtype=np.uint8))
-            patch, first, _ = fs.search_band(feats, valid=(0, lines), lines=lines)
-            fs.band_map(patch, first, out_hw=(lines, width))
+        if fs.scorer.channels != self._channels:
+            # Checked here, not only at start: a reload or recipe with such a bundle would drop every frame.
+            raise StripinspectError(
+                f"camera delivers {self._channels} channel(s), bundle {bundle} was fitted on {fs.scorer.channels}"
+            )
+        # One frame of the real size before the first real one: onnxruntime sizes its arena
+        # and picks kernels per input shape, which otherwise makes frame one twice as slow
+        # and the p99 latency a start-up artefact.
+        lines, width = cfg.frame_lines, self._width
+        feats = fs.features(np.zeros((lines, width, fs.scorer.channels), dtype=np.uint8))
+        patch, first, _ = fs.search_band(feats, valid=(0, lines), lines=lines)
+        fs.band_map(patch, first, out_hw=(lines, width))
         return fs
 
     def _threshold_for(

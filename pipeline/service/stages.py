@@ -123,6 +123,7 @@ class AcquireStage:
         try:
             self._acquire()
         finally:
+            self.camera.finish()  # handing on END may wait for room; the camera need not move
             self.done.set()
             put_waiting(self.out, END, flow=self.flow, name="acquire")
 

@@ -334,11 +334,14 @@ def test_a_stuck_stage_stops_the_watchdog(strip_bundle: Path, notify_socket: _No
     ctx = zmq.Context()
     daemon = Daemon(cfg=cfg, runtime=RuntimeConfig(), scoring=ScoringConfig(), source=camera, context=ctx)
     release = camera.release
+    # Only the stage under test hangs: with embed stuck the camera keeps delivering (frames are
+    # dropped at the full queue), so acquire, score and publish all stay alive and beating.
+    hang = camera.hang if stuck == "acquire" else threading.Event()
     if stuck == "embed":
         real = daemon.frame_scorer.features
 
         def features(pixels: Any) -> Any:  # an ONNX call that never returns, once stuck
-            if camera.hang.is_set():
+            if hang.is_set():
                 release.wait()
             return real(pixels)
 
@@ -351,11 +354,14 @@ def test_a_stuck_stage_stops_the_watchdog(strip_bundle: Path, notify_socket: _No
         h0 = time.monotonic()
         time.sleep(1.0)
         healthy = (h0, time.monotonic())
-        camera.hang.set()
+        hang.set()
         time.sleep(1.0)  # past the stuck bound (0.5 s) plus a frame in flight
         t0 = time.monotonic()
+        lines = daemon.stats.snapshot()["counts"].get("lines_total", 0)
         time.sleep(1.5)
         t1 = time.monotonic()
+        delivering = daemon.stats.snapshot()["counts"].get("lines_total", 0) > lines
+        problems = daemon._health.problems()
     finally:
         release.set()
         daemon.stop()
@@ -364,4 +370,6 @@ def test_a_stuck_stage_stops_the_watchdog(strip_bundle: Path, notify_socket: _No
     before, after = notify_socket.watchdogs(*healthy), notify_socket.watchdogs(t0, t1)
     print(f"stuck {stuck}: WATCHDOG=1 {before} times in the healthy second, {after} in 1.5 s while stuck")
     assert before >= 5 and after == 0
+    assert set(problems) == ({"embed"} if stuck == "embed" else {"acquire", "camera"})  # nothing else
+    assert delivering == (stuck == "embed")  # a stuck embed leaves the camera delivering
     assert daemon.failed is None
