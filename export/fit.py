@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from export.coreset import StreamingCoreset, reduce_union
 from export.onnx_export import MODEL_INFO_FILE, ModelInfo, export_backbone
-from pipeline.acquisition.images import ImageReadError, list_images, read_image
+from pipeline.acquisition.images import ImageReadError, read_image, survey_training_folder
 from pipeline.config import Config
 from pipeline.errors import StripinspectError
 from pipeline.inference.bundle import (
@@ -35,19 +35,13 @@ from pipeline.inference.bundle import (
     sha256_file,
     write_manifest,
 )
-from pipeline.inference.embed import MIN_SIDE, OnnxEmbedder
+from pipeline.inference.embed import OnnxEmbedder
 from pipeline.inference.knn import FaissIndex, build_index, write_index
-from pipeline.inference.patchcore import resize_for_model
+from pipeline.inference.patchcore import model_hw, resize_for_model
 
 
 class FitError(StripinspectError):
     """Fitting cannot proceed; one line."""
-
-
-def _scaled_hw(h: int, w: int, scale: float) -> tuple[int, int]:
-    if scale == 1.0:
-        return h, w
-    return max(MIN_SIDE, round(h * scale)), max(MIN_SIDE, round(w * scale))
 
 
 def prepare_model(cfg: Config, out: Path, model_dir: Path | None) -> ModelInfo:
@@ -68,29 +62,18 @@ def fit_bundle(
 ) -> PatchCoreManifest:
     """Embed every image in ``data`` through the ONNX session, select the coreset, write the bundle."""
     t0 = time.perf_counter()
-    files = list_images(data)
-    if not files:
-        raise FitError(f"{data}: no images (.png, .jpg, .bmp, .tif)")
     # Planning pass: sizes and channel count of every image, so that each chunk of the
     # streaming coreset knows its share of the final budget and bad files fail before the
     # long part starts.
-    sizes: list[tuple[int, int]] = []
-    channels: int | None = None
-    for f in tqdm(files, desc="check images", disable=not progress, unit="img"):
-        try:
-            img = read_image(f)
-        except ImageReadError as err:
-            raise FitError(str(err)) from None
-        if channels is None:
-            channels = img.shape[2]
-        elif img.shape[2] != channels:
-            raise FitError(f"{f}: {img.shape[2]} channels, the first image has {channels}")
-        sizes.append((img.shape[0], img.shape[1]))
-    assert channels is not None
+    try:
+        survey = survey_training_folder(data)
+    except ImageReadError as err:
+        raise FitError(str(err)) from None
+    files, sizes, channels = survey.files, survey.sizes, survey.channels
     scale = cfg.fit.scale
     info = prepare_model(cfg, out, model_dir)
     stride = info.feature_stride
-    total = sum(math.ceil(h / stride) * math.ceil(w / stride) for h, w in (_scaled_hw(*s, scale) for s in sizes))
+    total = sum(math.ceil(h / stride) * math.ceil(w / stride) for h, w in (model_hw(*s, scale) for s in sizes))
     cc = cfg.fit.coreset
     final_rows = max(1, math.ceil(cc.ratio * total))
     if cc.max_rows is not None:
@@ -98,12 +81,12 @@ def fit_bundle(
     embedder = OnnxEmbedder.for_runtime(
         model_path=out / MODEL_FILE, embedding_dim=info.embedding_dim, input_channels=channels, runtime=cfg.runtime
     )
-    model_sizes = sorted({_scaled_hw(*s, scale) for s in sizes})
+    model_sizes = sorted({model_hw(*s, scale) for s in sizes})
     folds = cfg.fit.position_folds if len(model_sizes) == 1 and len(files) >= cfg.fit.position_folds else 0
     # Folds are contiguous runs of the files in name order (camera files are usually named by
     # time): a held-out fold is a different stretch of time, as the frames to come will be.
     fold_of = [i * folds // len(files) for i in range(len(files))] if folds else [0] * len(files)
-    patches = [math.ceil(h / stride) * math.ceil(w / stride) for h, w in (_scaled_hw(*s, scale) for s in sizes)]
+    patches = [math.ceil(h / stride) * math.ceil(w / stride) for h, w in (model_hw(*s, scale) for s in sizes)]
     fold_totals = [sum(p for p, f in zip(patches, fold_of, strict=True) if f == k) for k in range(folds)]
 
     def streaming(total_patches: int, rows: int, oversample: float, seed: int) -> StreamingCoreset:
@@ -126,7 +109,7 @@ def fit_bundle(
         for k, t in enumerate(fold_totals)
     ]
     for f, k in zip(tqdm(files, desc="embed + coreset", disable=not progress, unit="img"), fold_of, strict=True):
-        img = resize_for_model(read_image(f), scale)
+        img = resize_for_model(read_image(f, channels), scale)
         feats = embedder.embed(img[None])[0].reshape(-1, info.embedding_dim)
         main.add(feats)
         if folds:
@@ -222,7 +205,7 @@ def _position_stats(
         for f, fold in zip(files, fold_of, strict=True):
             if fold != k:
                 continue
-            feats = embedder.embed(resize_for_model(read_image(f), cfg.fit.scale)[None])[0]
+            feats = embedder.embed(resize_for_model(read_image(f, embedder.input_channels), cfg.fit.scale)[None])[0]
             dist, _ = index.search(feats.reshape(-1, feats.shape[2]), 1)
             grids.append(dist[:, 0].reshape(feats.shape[:2]))
             bar.update(1)

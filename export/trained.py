@@ -32,7 +32,7 @@ from export.svdd import (
     plot_history,
     train_svdd,
 )
-from pipeline.acquisition.images import ImageReadError, list_images, read_image
+from pipeline.acquisition.images import ImageReadError, read_image, survey_training_folder
 from pipeline.config import Config
 
 Backend = Literal["svdd", "msp"]
@@ -65,16 +65,12 @@ class TrainedEncoder:
 
 
 def read_training_images(data: Path) -> list[np.ndarray]:
-    files = list_images(data)
-    if not files:
-        raise SvddError(f"{data}: no images (.png, .jpg, .bmp, .tif)")
+    """Every image of ``data`` with the folder's one channel count (``survey_training_folder``)."""
     try:
-        images = [read_image(f) for f in files]
+        survey = survey_training_folder(data)
+        return [read_image(f, survey.channels) for f in survey.files]
     except ImageReadError as err:
         raise SvddError(str(err)) from None
-    if any(im.shape[2] != images[0].shape[2] for im in images):
-        raise SvddError(f"{data}: images with different channel counts")
-    return images
 
 
 def train_encoder(

@@ -35,14 +35,25 @@ class ImageScore:
     anomaly_map: np.ndarray
 
 
+MIN_IMAGE_SIDE = 8
+
+
+def model_hw(height: int, width: int, scale: float) -> tuple[int, int]:
+    """The size an image of ``height`` x ``width`` is embedded at: the bundle's resize factor,
+    and no side under the graph's minimum (a small image is enlarged, its map resized back)."""
+    if scale == 1.0 and height >= MIN_SIDE and width >= MIN_SIDE:
+        return height, width
+    return max(MIN_SIDE, round(height * scale)), max(MIN_SIDE, round(width * scale))
+
+
 def resize_for_model(image: np.ndarray, scale: float) -> np.ndarray:
-    """Apply the bundle's resize factor; (H, W, C) uint8 in and out."""
-    if scale == 1.0:
-        return image
+    """Apply the bundle's resize factor (and the minimum side); (H, W, C) uint8 in and out."""
     h, w = image.shape[:2]
-    size = (max(MIN_SIDE, round(w * scale)), max(MIN_SIDE, round(h * scale)))
-    out = cv2.resize(image, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
-    return out.reshape(size[1], size[0], image.shape[2])
+    mh, mw = model_hw(h, w, scale)
+    if (mh, mw) == (h, w):
+        return image
+    out = cv2.resize(image, (mw, mh), interpolation=cv2.INTER_AREA if mh * mw < h * w else cv2.INTER_LINEAR)
+    return out.reshape(mh, mw, image.shape[2])
 
 
 def open_bundle(
@@ -128,8 +139,10 @@ class PatchCoreScorer:
             image = image[:, :, None]
         if image.ndim != 3 or image.shape[2] != self.channels:
             raise ValueError(f"image shape {image.shape} does not have the bundle's {self.channels} channel(s)")
-        if image.shape[0] < MIN_SIDE or image.shape[1] < MIN_SIDE:
-            raise ValueError(f"image shape {image.shape} is smaller than {MIN_SIDE} x {MIN_SIDE}")
+        if image.shape[0] < MIN_IMAGE_SIDE or image.shape[1] < MIN_IMAGE_SIDE:
+            # Smaller than the graph's MIN_SIDE is enlarged (resize_for_model); this is the floor
+            # under which an image holds no surface to judge.
+            raise ValueError(f"image shape {image.shape} is smaller than {MIN_IMAGE_SIDE} x {MIN_IMAGE_SIDE}")
         return image
 
     def score(self, image: np.ndarray) -> ImageScore:

@@ -36,19 +36,60 @@ def test_fit_at_half_scale_scores_at_full_size(synthetic_dataset: Path, effnet_m
 
 
 def test_fit_refuses_bad_folders(tmp_path: Path, effnet_model_dir: Path) -> None:
+    def fit_here(model_dir: Path = effnet_model_dir) -> None:
+        fit_bundle(data=tmp_path, out=tmp_path / "o", cfg=Config(), model_dir=model_dir, progress=False)
+
     with pytest.raises(FitError, match="no images"):
-        fit_bundle(data=tmp_path, out=tmp_path / "b", cfg=Config(), model_dir=effnet_model_dir, progress=False)
+        fit_here()
     cv2.imwrite(str(tmp_path / "a.png"), np.zeros((64, 64), np.uint8))
-    cv2.imwrite(str(tmp_path / "b.png"), np.zeros((64, 64, 3), np.uint8) + 1)
-    with pytest.raises(FitError, match="3 channels, the first image has 1"):
-        fit_bundle(data=tmp_path, out=tmp_path / "o", cfg=Config(), model_dir=effnet_model_dir, progress=False)
-    (tmp_path / "b.png").unlink()
+    with pytest.raises(FitError, match="1 image; fitting needs at least 2 normal images"):
+        fit_here()
     (tmp_path / "c.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    with pytest.raises(FitError, match="c.png: not a decodable image"):
-        fit_bundle(data=tmp_path, out=tmp_path / "o", cfg=Config(), model_dir=effnet_model_dir, progress=False)
+    (tmp_path / "d.png").write_bytes(b"")
+    # Every unreadable file is named with its reason, not only the first.
+    with pytest.raises(
+        FitError, match=r"2 of 3 images cannot be read: c.png \(not a decodable.*\); d.png \(empty file\)"
+    ):
+        fit_here()
+    (tmp_path / "c.png").unlink()
+    (tmp_path / "d.png").unlink()
+    cv2.imwrite(str(tmp_path / "b.png"), np.zeros((64, 64, 3), np.uint8) + 1)
     with pytest.raises(FitError, match="run `stripinspect export` first"):
-        (tmp_path / "c.png").unlink()
-        fit_bundle(data=tmp_path, out=tmp_path / "o", cfg=Config(), model_dir=tmp_path / "nomodel", progress=False)
+        fit_here(model_dir=tmp_path / "nomodel")
+
+
+def test_fit_takes_any_image_set_a_user_brings(effnet_model_dir: Path, tmp_path: Path) -> None:
+    # Mixed sizes (100-630 px, square and not), a small one, grey and RGB, 8- and 16-bit.
+    from pipeline.acquisition.synthetic import SyntheticStrip
+
+    strip = SyntheticStrip(width=640, seed=3)
+    folder = tmp_path / "normal"
+    folder.mkdir()
+    shapes = [(100, 100), (630, 200), (240, 630), (160, 320), (40, 90), (300, 300)]
+    line = 0
+    for i, (h, w) in enumerate(shapes):
+        grey, _ = strip.render(line, h, [])
+        line += h + 50
+        crop = grey[:, :w]
+        if i % 3 == 1:
+            img = np.repeat(crop[:, :, None], 3, axis=2)  # an RGB file
+            cv2.imwrite(str(folder / f"{i}.png"), img)
+        elif i % 3 == 2:
+            cv2.imwrite(str(folder / f"{i}.png"), crop.astype(np.uint16) * 257)  # 16-bit, same content
+        else:
+            cv2.imwrite(str(folder / f"{i}.png"), crop)
+    cfg = Config(fit=FitConfig(coreset=CoresetConfig(ratio=0.05, max_rows=200)))
+    m = fit_bundle(data=folder, out=tmp_path / "b", cfg=cfg, model_dir=effnet_model_dir, progress=False)
+    assert m.input.channels == 3  # one colour file makes the folder colour
+    assert m.fitted_on.images == 6 and sorted(m.fitted_on.image_sizes) == sorted(set(shapes))
+    assert m.position_stats is None  # no fixed view: statistics per position only for one size
+    backend = open_backend(tmp_path / "b", runtime=cfg.runtime, scoring=cfg.scoring)
+    for (h, w), path in zip(shapes, sorted(folder.iterdir(), key=lambda p: int(p.stem)), strict=True):
+        from pipeline.acquisition.images import read_image
+
+        image = read_image(path, backend.channels)
+        result = backend.score(backend.check_image(image))
+        assert result.anomaly_map.shape == (h, w) and np.isfinite(result.score)
 
 
 def test_fit_is_the_one_entry_for_every_backend(
