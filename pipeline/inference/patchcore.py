@@ -81,7 +81,13 @@ class PatchCoreScorer:
         self.manifest = manifest
         self.kind = manifest.kind
         # (median, MAD) per patch position, (h, w) float32 each, for images of the fitted size.
-        self.position_stats = position_stats if scoring.position_normalise != "none" else None
+        self.position_stats = None
+        if position_stats is not None and scoring.position_normalise != "none":
+            median, mad = position_stats
+            # A robust scale needs a floor: a position that is constant on normal images (MAD
+            # near 0) would otherwise turn any small change into the image's top z-score.
+            floor = np.float32(scoring.mad_floor * float(np.median(mad)))
+            self.position_stats = (median, np.maximum(mad, floor))
         self.embedder = embedder
         self.index = index
         self.scoring = scoring

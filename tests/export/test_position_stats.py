@@ -1,5 +1,7 @@
 """Per-position normal score statistics: cross-fitted at fit time, applied by the scorer."""
 
+import json
+import shutil
 from pathlib import Path
 
 import cv2
@@ -41,6 +43,7 @@ def test_fit_writes_cross_fitted_statistics(stats_bundle: Path, synthetic_datase
     assert POSITION_STATS_FILE in m.files
     with np.load(stats_bundle / POSITION_STATS_FILE) as z:
         median, mad = z["median"], z["mad"]
+    mad = np.maximum(mad, np.float32(ScoringConfig().mad_floor * float(np.median(mad))))
     assert median.shape == mad.shape == (16, 32) and (mad > 0).all()
     # Cross-fitting: a training image scored against the bank that holds its own patches scores
     # lower than against a bank chosen without them, which is what the statistics describe.
@@ -56,6 +59,7 @@ def test_scorer_scores_images_by_their_largest_2x2_mean_position_z_score(
     image = read_image(next(iter(list_images(synthetic_dataset / "test" / "defect"))), 1)
     with np.load(stats_bundle / POSITION_STATS_FILE) as z:
         median, mad = z["median"], z["mad"]
+    mad = np.maximum(mad, np.float32(ScoringConfig().mad_floor * float(np.median(mad))))
     raw = open_backend(stats_bundle, runtime=EXACT, scoring=ScoringConfig(position_normalise="none"))
     img = open_backend(stats_bundle, runtime=EXACT, scoring=ScoringConfig(position_normalise="image"))
     zmap = open_backend(stats_bundle, runtime=EXACT, scoring=ScoringConfig(position_normalise="map"))
@@ -103,3 +107,29 @@ def test_bad_statistics_and_settings_are_one_clear_error(stats_bundle: Path, tmp
         open_backend(b, runtime=EXACT, scoring=ScoringConfig())
     with pytest.raises(ConfigError, match="position_folds"):
         parse_config({"fit": {"position_folds": 1}})
+
+
+def test_a_position_constant_on_normal_images_does_not_decide_the_image_score(
+    stats_bundle: Path, synthetic_dataset: Path, tmp_path: Path
+) -> None:
+
+    from pipeline.inference.bundle import sha256_file
+
+    # One position whose normal scores never varied (MAD 1e-4, as on a black background).
+    bundle = tmp_path / "b"
+    shutil.copytree(stats_bundle, bundle)
+    with np.load(bundle / POSITION_STATS_FILE) as z:
+        median, mad = z["median"].copy(), z["mad"].copy()
+    mad[3, 5] = 1e-4
+    np.savez(bundle / POSITION_STATS_FILE, median=median, mad=mad)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["files"][POSITION_STATS_FILE] = sha256_file(bundle / POSITION_STATS_FILE)
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    image = read_image(next(iter(list_images(synthetic_dataset / "train" / "good"))), 1)
+    floored = open_backend(bundle, runtime=EXACT, scoring=ScoringConfig(position_normalise="image"))
+    bare = open_backend(bundle, runtime=EXACT, scoring=ScoringConfig(position_normalise="image", mad_floor=0.0))
+    assert floored.position_stats is not None and bare.position_stats is not None
+    assert floored.position_stats[1][3, 5] == pytest.approx(0.5 * float(np.median(mad)))
+    assert bare.position_stats[1][3, 5] == pytest.approx(1e-4)
+    # Without the floor a normal image's score is set by that one position's noise.
+    assert bare.score(image).score > 10 * floored.score(image).score
