@@ -63,6 +63,32 @@ def find_test_images(data: Path) -> list[TestImage]:
     return items
 
 
+def _per_type(
+    items: list[TestImage],
+    scores: np.ndarray,
+    labels: np.ndarray,
+    neg: np.ndarray,
+    regions: list[np.ndarray],
+    region_types: list[str],
+) -> dict[str, dict[str, float | int]]:
+    """Each defect type on its own (MVTec bottle: broken_large, broken_small, contamination):
+    image AUROC of its images against all normal ones; pixel AUROC and AUPRO of its regions
+    against the normal pixels of every test image (the same negatives as the overall figures)."""
+    types = np.array([it.defect_type for it in items])
+    out: dict[str, dict[str, float | int]] = {}
+    for t in sorted(set(types.tolist()) - {"good"}):
+        sel = (types == t) | ~labels
+        regs = [r for r, rt in zip(regions, region_types, strict=True) if rt == t]
+        pos = np.concatenate(regs) if regs else np.empty(0, np.float32)
+        out[t] = {
+            "images": int((types == t).sum()),
+            "image_auroc": auroc(scores[sel], labels[sel]),
+            "pixel_auroc": auroc_from_sorted(neg, pos) if regs else float("nan"),
+            "pixel_aupro": pro_auc_from_regions(neg, regs, 0.3) if regs else float("nan"),
+        }
+    return out
+
+
 def evaluate(
     *, bundle: Path, data: Path, out: Path, cfg: Config, overlays_per_type: int = 4, progress: bool = True
 ) -> dict[str, object]:
@@ -76,6 +102,7 @@ def evaluate(
     labels: list[bool] = []
     negatives: list[np.ndarray] = []
     regions: list[np.ndarray] = []
+    region_types: list[str] = []
     kept: list[tuple[str, float, np.ndarray, np.ndarray, np.ndarray | None]] = []
     per_type_kept: dict[str, int] = {}
     seconds = 0.0
@@ -95,6 +122,7 @@ def evaluate(
         n, lab = label_regions(mask)
         for r in range(1, n + 1):
             regions.append(result.anomaly_map[lab == r])
+            region_types.append(item.defect_type)
         rows.append((str(item.path.relative_to(data)), item.defect_type, int(labels[-1]), result.score))
         if per_type_kept.get(item.defect_type, 0) < overlays_per_type:
             per_type_kept[item.defect_type] = per_type_kept.get(item.defect_type, 0) + 1
@@ -111,6 +139,7 @@ def evaluate(
         "images_defect": int(sum(labels)),
         "defect_regions": len(regions),
         "seconds_per_image": seconds / len(items),
+        "per_type": _per_type(items, np.asarray(image_scores), np.asarray(labels), neg, regions, region_types),
         "bundle": str(bundle),
         "backbone": described["backbone"],
         "bank_rows": described["bank_rows"],

@@ -41,3 +41,42 @@ def test_layout_errors(tmp_path: Path) -> None:
     items = find_test_images(tmp_path)
     assert [i.defect_type for i in items] == ["good", "scratch"]
     assert items[1].mask_path is not None and items[1].mask_path.name == "b_mask.png"
+
+
+def test_per_type_figures(synthetic_bundle: Path, synthetic_dataset: Path, tmp_path: Path) -> None:
+    import shutil
+
+    # The one defect type split into two: the per-type figures must add up to the overall ones.
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_dataset, data)
+    for root in ("test", "ground_truth"):
+        files = sorted((data / root / "defect").iterdir())
+        for i, f in enumerate(files):
+            dst = data / root / ("a" if i < len(files) // 2 else "b")
+            dst.mkdir(exist_ok=True)
+            f.rename(dst / f.name)
+        (data / root / "defect").rmdir()
+    out = tmp_path / "eval" / "metrics.json"
+    m = evaluate(bundle=synthetic_bundle, data=data, out=out, cfg=small_config(), progress=False)
+    per = json.loads(out.read_text())["per_type"]
+    assert set(per) == {"a", "b"} and per["a"]["images"] == per["b"]["images"] == 3
+    whole = evaluate(
+        bundle=synthetic_bundle,
+        data=synthetic_dataset,
+        out=tmp_path / "w" / "m.json",
+        cfg=small_config(),
+        progress=False,
+    )
+    assert whole["per_type"]["defect"]["image_auroc"] == whole["image_auroc"]
+    assert whole["per_type"]["defect"]["pixel_aupro"] == pytest.approx(whole["pixel_aupro"])
+    # Same negatives, positives split: the overall pixel AUROC is the positives-weighted mean.
+    sizes = {t: 0 for t in per}
+    for t in per:
+        from calibration.evaluate import find_test_images
+        from pipeline.acquisition.images import read_mask
+
+        for it in find_test_images(data):
+            if it.defect_type == t and it.mask_path is not None:
+                sizes[t] += int(read_mask(it.mask_path, (128, 256)).sum())
+    mean = sum(per[t]["pixel_auroc"] * sizes[t] for t in per) / sum(sizes.values())
+    assert m["pixel_auroc"] == pytest.approx(mean, abs=1e-9)
