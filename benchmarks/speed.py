@@ -38,6 +38,7 @@ from calibration.metrics import auroc
 from export.backbones import SPECS, PatchFeatureNet, build_feature_extractor
 from pipeline.acquisition.synthetic import SyntheticStrip, random_defects
 from pipeline.config import (
+    ChooseConfig,
     Config,
     CoresetConfig,
     DaemonConfig,
@@ -70,7 +71,9 @@ def ensure_bundle(work: Path, width: int) -> Path:
 
     cfg = Config(
         synthetic=SyntheticConfig(width=width, frame_lines=512, seed=7, train_frames=16, test_frames=1),
-        fit=FitConfig(coreset=CoresetConfig(max_rows=16_384, ratio=0.1)),
+        # Full-resolution frames, as before the fit-time choice existed: this measures the daemon's
+        # speed at one fixed amount of work (a chosen scale of 0.5 would be 4x less of it).
+        fit=FitConfig(scale=1.0, coreset=CoresetConfig(max_rows=16_384, ratio=0.1), choose=ChooseConfig(images=0)),
     )
     write_synthetic_dataset(cfg, work / f"data_{width}")
     fit_bundle(data=work / f"data_{width}" / "train" / "good", out=bundle, cfg=cfg, progress=True)

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from export.coreset import StreamingCoreset, reduce_union
 from export.onnx_export import MODEL_INFO_FILE, ModelInfo, export_backbone
+from export.selection import ALL_SETTINGS, can_choose, choose_settings, pinned_settings, selection_table
 from pipeline.acquisition.images import ImageReadError, read_image, survey_training_folder
 from pipeline.config import Config
 from pipeline.errors import StripinspectError
@@ -70,17 +71,22 @@ def fit_bundle(
     except ImageReadError as err:
         raise FitError(str(err)) from None
     files, sizes, channels = survey.files, survey.sizes, survey.channels
-    scale = cfg.fit.scale
     info = prepare_model(cfg, out, model_dir)
     stride = info.feature_stride
+    embedder = OnnxEmbedder.for_runtime(
+        model_path=out / MODEL_FILE, embedding_dim=info.embedding_dim, input_channels=channels, runtime=cfg.runtime
+    )
+    selection = None
+    if pinned_settings(cfg) != ALL_SETTINGS and can_choose(cfg, sizes):
+        selection = choose_settings(
+            files=files, sizes=sizes, channels=channels, cfg=cfg, embedder=embedder, stride=stride, progress=progress
+        )
+    scale = selection.chosen.scale if selection is not None else (1.0 if cfg.fit.scale == "auto" else cfg.fit.scale)
     total = sum(math.ceil(h / stride) * math.ceil(w / stride) for h, w in (model_hw(*s, scale) for s in sizes))
     cc = cfg.fit.coreset
     final_rows = max(1, math.ceil(cc.ratio * total))
     if cc.max_rows is not None:
         final_rows = min(final_rows, cc.max_rows)
-    embedder = OnnxEmbedder.for_runtime(
-        model_path=out / MODEL_FILE, embedding_dim=info.embedding_dim, input_channels=channels, runtime=cfg.runtime
-    )
     model_sizes = sorted({model_hw(*s, scale) for s in sizes})
     folds = cfg.fit.position_folds if len(model_sizes) == 1 and len(files) >= cfg.fit.position_folds else 0
     # Folds are contiguous runs of the files in name order (camera files are usually named by
@@ -126,6 +132,7 @@ def fit_bundle(
             cfg=cfg,
             embedder=embedder,
             out=out,
+            scale=scale,
             model_hw=model_sizes[0],
             progress=progress,
         )
@@ -168,6 +175,7 @@ def fit_bundle(
             fit_seconds=round(time.perf_counter() - t0, 3),
         ),
         position_stats=position_stats,
+        selection=selection,
         files={
             name: sha256_file(out / name)
             for name in (MODEL_FILE, INDEX_FILE, MODEL_INFO_FILE, *((POSITION_STATS_FILE,) if position_stats else ()))
@@ -186,6 +194,7 @@ def _position_stats(
     cfg: Config,
     embedder: OnnxEmbedder,
     out: Path,
+    scale: float,
     model_hw: tuple[int, int],
     progress: bool,
 ) -> PositionStats:
@@ -205,7 +214,7 @@ def _position_stats(
         for f, fold in zip(files, fold_of, strict=True):
             if fold != k:
                 continue
-            feats = embedder.embed(resize_for_model(read_image(f, embedder.input_channels), cfg.fit.scale)[None])[0]
+            feats = embedder.embed(resize_for_model(read_image(f, embedder.input_channels), scale)[None])[0]
             dist, _ = index.search(feats.reshape(-1, feats.shape[2]), 1)
             grids.append(dist[:, 0].reshape(feats.shape[:2]))
             bar.update(1)
@@ -268,10 +277,14 @@ def fit(
     if encoder is not None:
         raise FitError("--encoder is for --backend svdd or msp (PatchCore takes --model)")
     m = fit_bundle(data=data, out=out, cfg=cfg, model_dir=model_dir, progress=progress)
-    return FitResult(
-        manifest=m,
-        summary=(
-            f"bundle {out}: {m.fitted_on.images} images, {m.coreset.patches_seen} patches -> "
-            f"{m.index.rows} bank rows ({m.features.embedding_dim} dims) in {m.fitted_on.fit_seconds:.1f} s"
-        ),
+    summary = (
+        f"bundle {out}: {m.fitted_on.images} images, {m.coreset.patches_seen} patches -> "
+        f"{m.index.rows} bank rows ({m.features.embedding_dim} dims) in {m.fitted_on.fit_seconds:.1f} s"
     )
+    if m.selection is not None:
+        c = m.selection.chosen
+        summary = (
+            f"{summary}; chosen: scale {c.scale}, position_normalise {c.position_normalise}, "
+            f"mad_floor {c.mad_floor}, image_score {c.image_score}\n{selection_table(m.selection)}"
+        )
+    return FitResult(manifest=m, summary=summary)

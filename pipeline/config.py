@@ -100,15 +100,59 @@ class CoresetConfig(_Section):
     seed: int = Field(default=0, ge=0, description="Seed of the projection and of the first center.")
 
 
+class ChooseConfig(_Section):
+    """How ``fit`` chooses the settings left at 'auto' (``fit.scale``, ``scoring.position_normalise``,
+    ``scoring.mad_floor``, ``scoring.image_score``) from normal images alone: held-out training
+    images, each also with a synthetic anomaly painted on it (cut-and-paste patch, stain, thin
+    line), scored against banks fitted without them; the candidate with the best mean of image
+    AUROC, pixel AUROC and AUPRO wins (export/selection.py)."""
+
+    images: int = Field(
+        default=40, ge=0, le=10_000, description="Training images used (evenly spread over the folder); 0 = no choice."
+    )
+    folds: int = Field(default=4, ge=2, le=64, description="Cross-fitting folds of those images.")
+    scales: list[float] = Field(
+        default=[1.0, 2.0],
+        min_length=1,
+        description="Candidate resize factors, in order of preference. A factor that makes the median image's "
+        "short side under min_side or, enlarging, its long side over max_side is skipped (2.0 applies to images "
+        "of at most 384 px, never to line-scan frames). Shrinking (0.5) lost on both visible data sets and the "
+        "daemon scores frames at full resolution; add it for still images.",
+    )
+    min_side: int = Field(default=96, ge=16, le=4096, description="Smallest short side a scale may produce.")
+    max_side: int = Field(default=768, ge=64, le=16384, description="Largest long side an enlarging scale may produce.")
+    mad_floors: list[float] = Field(
+        default=[0.5, 0.25, 1.0, 2.0], min_length=1, description="Candidate values of scoring.mad_floor."
+    )
+    margin: float = Field(
+        default=0.01,
+        ge=0.0,
+        le=1.0,
+        description="The first (preferred) candidate is replaced only by one whose mean figure is higher by more "
+        "than this (differences under it changed with the painting seed alone).",
+    )
+    seed: int = 0
+
+    @field_validator("scales")
+    @classmethod
+    def _scales(cls, v: list[float]) -> list[float]:
+        if any(not 0.0 < x <= 4.0 for x in v):
+            raise ValueError("every scale must be in (0, 4]")
+        return v
+
+
 class FitConfig(_Section):
     """How normal images become a memory bank."""
 
-    scale: float = Field(
-        default=1.0,
-        gt=0.0,
-        le=4.0,
-        description="Resize factor applied to every image before embedding (1.0 = full resolution). "
-        "The same factor is stored in the bundle and applied at scoring time.",
+    scale: float | Literal["auto"] = Field(
+        default="auto",
+        description="Resize factor applied to every image before embedding (1.0 = full resolution), or "
+        "'auto': chosen at fit time among fit.choose.scales (export/selection.py). The factor is stored "
+        "in the bundle and applied at scoring time.",
+    )
+    choose: ChooseConfig = Field(
+        default_factory=ChooseConfig,
+        description="Fit-time choice of the 'auto' settings from the training images alone.",
     )
     index: Literal["flat"] = Field(default="flat", description="faiss index type of the memory bank.")
     coreset: CoresetConfig = Field(default_factory=CoresetConfig, description="Coreset selection.")
@@ -128,6 +172,13 @@ class FitConfig(_Section):
             raise ValueError("position_folds must be 0 (off) or at least 2")
         return v
 
+    @field_validator("scale")
+    @classmethod
+    def _scale(cls, v: float | str) -> float | str:
+        if isinstance(v, float) and not 0.0 < v <= 4.0:
+            raise ValueError("scale must be in (0, 4] or 'auto'")
+        return v
+
 
 class ScoringConfig(_Section):
     """Patch, image and pixel scores (PatchCore, sec. 3.3)."""
@@ -144,22 +195,33 @@ class ScoringConfig(_Section):
         le=64.0,
         description="Gaussian smoothing of the upsampled anomaly map, in pixels (paper: 4). 0 disables it.",
     )
-    position_normalise: Literal["none", "image", "map"] = Field(
-        default="map",
+    position_normalise: Literal["auto", "none", "image", "map"] = Field(
+        default="auto",
         description="With the bundle's per-position normal statistics and an image of the fitted size: "
-        "'image' scores the image by its largest robust z-score (patch score - median) / MAD of its "
-        "position; 'map' also builds the pixel map from the z-scores; 'none' ignores them.",
+        "'image' scores the image by robust z-scores (patch score - median) / MAD of their position; "
+        "'map' also builds the pixel map from the z-scores; 'none' ignores them; 'auto': the bundle's "
+        "fit-time choice (fit.choose), 'map' for a bundle fitted without one.",
     )
-    mad_floor: float = Field(
-        default=0.5,
-        ge=0.0,
-        le=10.0,
-        description="Each position's MAD is at least this fraction of the median MAD over all positions. "
-        "Where normal images are constant at a position (a black background) its MAD is near 0 and any "
-        "small change there became the image's top z-score: MVTec bottle image AUROC 0.346 without a "
-        "floor, 0.986 / 0.999 / 1.000 at 0.25 / 0.5 / 1; BSData 0.937 at 0.25 and 0.5, 0.930 at 1 "
-        "(chosen on those two test sets, docs/experiments.md). 0 = no floor.",
+    mad_floor: float | Literal["auto"] = Field(
+        default="auto",
+        description="Each position's MAD is at least this fraction of the median MAD over all positions "
+        "(0 = no floor). Where normal images are constant at a position (a black background) its MAD is "
+        "near 0 and any small change there became the image's top z-score (MVTec bottle image AUROC 0.346 "
+        "without a floor). 'auto': the bundle's fit-time choice, 0.5 for a bundle fitted without one.",
     )
+    image_score: Literal["auto", "reweighted", "window"] = Field(
+        default="auto",
+        description="'reweighted': PatchCore's eq. 7 on the nearest-neighbour distances; 'window': the largest "
+        "mean over 2 x 2 patches of the scores (z-scores when position statistics apply). 'auto': the "
+        "bundle's fit-time choice; for a bundle fitted without one, 'window' with statistics, else 'reweighted'.",
+    )
+
+    @field_validator("mad_floor")
+    @classmethod
+    def _floor(cls, v: float | str) -> float | str:
+        if isinstance(v, float) and not 0.0 <= v <= 10.0:
+            raise ValueError("mad_floor must be in [0, 10] or 'auto'")
+        return v
 
 
 class KnnConfig(_Section):

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from pipeline.config import Config, DaemonConfig, SyntheticConfig
+from pipeline.config import ChooseConfig, Config, DaemonConfig, FitConfig, SyntheticConfig
 
 REPO = Path(__file__).resolve().parent.parent
 BSDATA = REPO.parent / "shared" / "datasets" / "bsdata"
@@ -18,8 +18,14 @@ BSDATA = REPO.parent / "shared" / "datasets" / "bsdata"
 SMALL_SYNTHETIC = SyntheticConfig(width=256, frame_lines=128, seed=3, train_frames=10, test_frames=6)
 
 
+# Settings fixed at the values they had before the fit-time choice (scale 1, z-score map, MAD floor
+# 0.5): tests about other things need neither its minute nor a scale that moves under them. The
+# choice has its own tests (tests/export/test_selection.py).
+FIXED = FitConfig(choose=ChooseConfig(images=0))
+
+
 def small_config() -> Config:
-    return Config(synthetic=SMALL_SYNTHETIC)
+    return Config(synthetic=SMALL_SYNTHETIC, fit=FIXED)
 
 
 @pytest.fixture(autouse=True)
@@ -70,7 +76,7 @@ def strip_bundle(tmp_path_factory: pytest.TempPathFactory, effnet_model_dir: Pat
     from export.fit import fit_bundle
     from stripinspect.demo import write_synthetic_dataset
 
-    cfg = Config(synthetic=STRIP_SYNTHETIC)
+    cfg = Config(synthetic=STRIP_SYNTHETIC, fit=FIXED)
     root = tmp_path_factory.mktemp("strip")
     write_synthetic_dataset(cfg, root / "data")
     fit_bundle(

@@ -167,6 +167,42 @@ class ManifestBase(_Frozen):
         return ()
 
 
+class ChosenSettings(_Frozen):
+    """Settings chosen at fit time from the training images (``fit.choose``); a config value other
+    than 'auto' overrides each at scoring time."""
+
+    scale: float = Field(gt=0)
+    position_normalise: Literal["none", "image", "map"]
+    mad_floor: float = Field(ge=0)
+    image_score: Literal["reweighted", "window"]
+
+
+class CandidateResult(_Frozen):
+    """One candidate's self-validation figures on held-out normal images and painted anomalies."""
+
+    scale: float = Field(gt=0)
+    position_normalise: Literal["none", "image", "map"]
+    mad_floor: float = Field(ge=0)
+    image_score: Literal["reweighted", "window"]
+    image_auroc: float
+    pixel_auroc: float
+    aupro: float
+    objective: float = Field(description="Mean of the three figures over the replicates.")
+    replicates: list[float] = Field(min_length=1, description="The mean of the three figures in each replicate.")
+
+
+class Selection(_Frozen):
+    """How the 'auto' settings were chosen: candidates, their figures, the choice."""
+
+    images: int = Field(ge=2, description="Held-out normal images (each also painted once per replicate).")
+    folds: int = Field(ge=2)
+    anomalies: dict[str, int] = Field(description="Painted anomalies by kind.")
+    pinned: list[str] = Field(description="Settings the config fixed (not chosen).")
+    seconds: float = Field(ge=0)
+    candidates: list[CandidateResult] = Field(min_length=1)
+    chosen: ChosenSettings
+
+
 class PatchCoreManifest(ManifestBase):
     """PatchCore (Roth et al. 2022): a pretrained CNN's aggregated features, one coreset bank."""
 
@@ -175,6 +211,7 @@ class PatchCoreManifest(ManifestBase):
     index: IndexSpec
     coreset: CoresetSpec
     position_stats: PositionStats | None = None
+    selection: Selection | None = Field(default=None, description="Fit-time choice of the 'auto' settings.")
 
     def required_files(self) -> tuple[str, ...]:
         stats = (self.position_stats.file,) if self.position_stats is not None else ()

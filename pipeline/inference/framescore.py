@@ -32,7 +32,10 @@ class FrameScorer:
 
     def __init__(self, *, scorer: PatchCoreScorer, tile: int | None, margin: int) -> None:
         if scorer.scale != 1.0:
-            raise ValueError(f"the daemon scores at the bundle's full resolution; bundle scale is {scorer.scale}")
+            raise ValueError(
+                f"the daemon scores at the bundle's full resolution; bundle scale is {scorer.scale} "
+                "(refit with fit.scale: 1.0 in the config)"
+            )
         if tile is not None and (tile % ALIGN or margin % ALIGN or tile <= 2 * margin):
             raise ValueError(f"tile {tile} and margin {margin} must be multiples of {ALIGN}, tile > 2 * margin")
         self.scorer = scorer

@@ -10,7 +10,14 @@ import cv2
 import numpy as np
 
 from pipeline.config import RuntimeConfig, ScoringConfig
-from pipeline.inference.bundle import INDEX_FILE, MODEL_FILE, BundleError, ManifestBase, PatchCoreManifest
+from pipeline.inference.bundle import (
+    INDEX_FILE,
+    MODEL_FILE,
+    BundleError,
+    ChosenSettings,
+    ManifestBase,
+    PatchCoreManifest,
+)
 from pipeline.inference.embed import MIN_SIDE, EmbedderError, OnnxEmbedder
 from pipeline.inference.framescore import FrameScorer
 from pipeline.inference.knn import FaissIndex, KnnError
@@ -80,14 +87,14 @@ class PatchCoreScorer:
     ) -> None:
         self.manifest = manifest
         self.kind = manifest.kind
+        self.settings = resolve_settings(scoring, manifest)
+        # A bundle fitted before the fit-time choice scored images without statistics (other
+        # sizes, line-scan frames) by eq. 7 whatever the rule with them; it still does.
+        self._eq7_without_stats = scoring.image_score == "auto" and manifest.selection is None
         # (median, MAD) per patch position, (h, w) float32 each, for images of the fitted size.
         self.position_stats = None
-        if position_stats is not None and scoring.position_normalise != "none":
-            median, mad = position_stats
-            # A robust scale needs a floor: a position that is constant on normal images (MAD
-            # near 0) would otherwise turn any small change into the image's top z-score.
-            floor = np.float32(scoring.mad_floor * float(np.median(mad)))
-            self.position_stats = (median, np.maximum(mad, floor))
+        if position_stats is not None and self.settings.position_normalise != "none":
+            self.position_stats = floor_mad(*position_stats, self.settings.mad_floor)
         self.embedder = embedder
         self.index = index
         self.scoring = scoring
@@ -163,20 +170,7 @@ class PatchCoreScorer:
     ) -> tuple[np.ndarray, float]:
         """Patch features (h, w, D) -> patch scores float32 (h, w) and the image score (eq. 7).
         ``rank``: which scores the approximate search must make exact (``FaissIndex.search``)."""
-        gh, gw, dim = feats.shape
-        flat = feats.reshape(-1, dim)
-        if not np.isfinite(flat).all():
-            # A broken model or input; faiss would abort the process on NaN distances.
-            raise ValueError("patch features are not finite")
-        dist, ids = self.index.search(flat, 1, rank=rank)
-        patch = dist[:, 0].reshape(gh, gw)
-        worst = int(np.argmax(dist[:, 0]))
-        s_star = float(dist[worst, 0])
-        m_star = self.index.vectors[ids[worst, 0]]
-        # N_b(m*): the b bank entries nearest to m* (PatchCore eq. 7), m* itself included.
-        _, nb = self.index.search_exact(m_star[None], self.num_neighbors)
-        neighbour_d = np.linalg.norm(self.index.vectors[nb[0]] - flat[worst], axis=1)
-        return patch, reweighted_image_score(s_star, neighbour_d)
+        return nearest_patch_scores(self.index, feats, self.num_neighbors, rank=rank)
 
     def score_features(
         self, feats: np.ndarray, *, model_hw: tuple[int, int], out_hw: tuple[int, int], positional: bool = True
@@ -187,8 +181,8 @@ class PatchCoreScorer:
         height, width = out_hw
         stats = self.position_stats if positional else None
         if stats is None or stats[0].shape != feats.shape[:2]:
-            patch, score = self.search_patches(feats)
-            map_scores = patch
+            patch, reweighted = self.search_patches(feats)
+            z = None
         else:
             # Robust z-score of each patch against normal images at the same position: a fixed
             # camera view has positions that are rougher than others (edges, glare), and the
@@ -196,13 +190,11 @@ class PatchCoreScorer:
             # z-scores decide here, so they are the ones the approximate search makes exact.
             median, mad = stats
             m, d = median.reshape(-1), mad.reshape(-1)
-            patch, _ = self.search_patches(feats, rank=lambda dist: (dist - m) / d)
+            patch, reweighted = self.search_patches(feats, rank=lambda dist: (dist - m) / d)
             z = (patch - median) / mad
-            # The largest mean over 2 x 2 patches rather than one patch: the 3 x 3 local
-            # aggregation spreads any real anomaly over several neighbouring patches, while a
-            # lone high z-score is mostly the noise of the per-position statistics.
-            score = max_window_mean(z, POSITION_WINDOW)
-            map_scores = z if self.scoring.position_normalise == "map" else patch
+        rule = "reweighted" if z is None and self._eq7_without_stats else self.settings.image_score
+        score = image_score(rule, patch=patch, reweighted=reweighted, z=z)
+        map_scores = z if z is not None and self.settings.position_normalise == "map" else patch
         amap_scaled = anomaly_map(
             map_scores, stride=self.stride, out_hw=model_hw, sigma=self.scoring.sigma * self.scale
         )
@@ -212,6 +204,65 @@ class PatchCoreScorer:
             else cv2.resize(amap_scaled, (width, height), interpolation=cv2.INTER_LINEAR)
         )
         return ImageScore(score=score, patch_scores=patch, anomaly_map=amap)
+
+
+def resolve_settings(scoring: ScoringConfig, manifest: PatchCoreManifest) -> ChosenSettings:
+    """The scoring settings in force: each config value, or where it is 'auto' the bundle's
+    fit-time choice (or, for a bundle fitted without one, the defaults before the choice existed)."""
+    chosen = manifest.selection.chosen if manifest.selection is not None else None
+    norm = scoring.position_normalise
+    if norm == "auto":
+        norm = chosen.position_normalise if chosen else "map"
+    floor = scoring.mad_floor
+    if floor == "auto":
+        floor = chosen.mad_floor if chosen else 0.5
+    rule = scoring.image_score
+    if rule == "auto":
+        uses_stats = manifest.position_stats is not None and norm != "none"
+        rule = chosen.image_score if chosen else ("window" if uses_stats else "reweighted")
+    return ChosenSettings(scale=manifest.input.scale, position_normalise=norm, mad_floor=floor, image_score=rule)
+
+
+def floor_mad(median: np.ndarray, mad: np.ndarray, floor: float) -> tuple[np.ndarray, np.ndarray]:
+    """A robust scale needs a floor: a position that is constant on normal images (MAD near 0)
+    would otherwise turn any small change into the image's top z-score."""
+    return median, np.maximum(mad, np.float32(floor * float(np.median(mad))))
+
+
+def nearest_patch_scores(
+    index: FaissIndex,
+    feats: np.ndarray,
+    num_neighbors: int,
+    *,
+    rank: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> tuple[np.ndarray, float]:
+    """Patch features (h, w, D) -> each patch's distance to its nearest bank row, float32 (h, w),
+    and PatchCore's re-weighted image score (eq. 7). ``rank``: which scores the approximate
+    search must make exact (``FaissIndex.search``)."""
+    gh, gw, dim = feats.shape
+    flat = feats.reshape(-1, dim)
+    if not np.isfinite(flat).all():
+        # A broken model or input; faiss would abort the process on NaN distances.
+        raise ValueError("patch features are not finite")
+    dist, ids = index.search(flat, 1, rank=rank)
+    patch = dist[:, 0].reshape(gh, gw)
+    worst = int(np.argmax(dist[:, 0]))
+    s_star = float(dist[worst, 0])
+    m_star = index.vectors[ids[worst, 0]]
+    # N_b(m*): the b bank entries nearest to m* (PatchCore eq. 7), m* itself included.
+    _, nb = index.search_exact(m_star[None], min(num_neighbors, index.rows))
+    neighbour_d = np.linalg.norm(index.vectors[nb[0]] - flat[worst], axis=1)
+    return patch, reweighted_image_score(s_star, neighbour_d)
+
+
+def image_score(rule: str, *, patch: np.ndarray, reweighted: float, z: np.ndarray | None) -> float:
+    """The image's score under ``rule``: 'reweighted' is PatchCore's eq. 7; 'window' the largest
+    mean over 2 x 2 patches of the z-scores (or of the distances where no statistics apply): the
+    3 x 3 local aggregation spreads any real anomaly over neighbouring patches, while a lone high
+    patch is mostly noise."""
+    if rule == "reweighted":
+        return reweighted
+    return max_window_mean(z if z is not None else patch, POSITION_WINDOW)
 
 
 def read_position_stats(path: Path, grid: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:

@@ -14,6 +14,7 @@ from pipeline.acquisition.images import list_images, read_image
 from pipeline.config import Config, KnnConfig, RuntimeConfig, ScoringConfig
 from pipeline.inference.backends import open_backend
 from pipeline.inference.bundle import BundleError
+from tests.conftest import FIXED
 
 EXACT = Config(runtime=RuntimeConfig(knn=KnnConfig(index="flat")))
 
@@ -21,7 +22,9 @@ EXACT = Config(runtime=RuntimeConfig(knn=KnnConfig(index="flat")))
 @pytest.fixture(scope="module")
 def members(tmp_path_factory: pytest.TempPathFactory, svdd_data: Path, svdd_bundle: Path, effnet_model_dir: Path):
     pc = tmp_path_factory.mktemp("pc") / "bundle"
-    fit_bundle(data=svdd_data / "train" / "good", out=pc, cfg=Config(), model_dir=effnet_model_dir, progress=False)
+    fit_bundle(
+        data=svdd_data / "train" / "good", out=pc, cfg=Config(fit=FIXED), model_dir=effnet_model_dir, progress=False
+    )
     return pc, svdd_bundle
 
 

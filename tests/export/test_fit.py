@@ -8,12 +8,14 @@ from export.fit import FitError, fit, fit_bundle
 from pipeline.config import Config, CoresetConfig, FitConfig
 from pipeline.inference.backends import open_backend
 from pipeline.inference.bundle import read_manifest
-from tests.conftest import small_config
+from tests.conftest import FIXED, small_config
 
 
 def test_fit_ratio_and_budget(synthetic_dataset: Path, effnet_model_dir: Path, tmp_path: Path) -> None:
     base = small_config()
-    cfg = Config(synthetic=base.synthetic, fit=FitConfig(coreset=CoresetConfig(ratio=0.05, max_rows=100)))
+    cfg = Config(
+        synthetic=base.synthetic, fit=FitConfig(coreset=CoresetConfig(ratio=0.05, max_rows=100), choose=FIXED.choose)
+    )
     m = fit_bundle(
         data=synthetic_dataset / "train/good", out=tmp_path / "b", cfg=cfg, model_dir=effnet_model_dir, progress=False
     )
@@ -37,7 +39,7 @@ def test_fit_at_half_scale_scores_at_full_size(synthetic_dataset: Path, effnet_m
 
 def test_fit_refuses_bad_folders(tmp_path: Path, effnet_model_dir: Path) -> None:
     def fit_here(model_dir: Path = effnet_model_dir) -> None:
-        fit_bundle(data=tmp_path, out=tmp_path / "o", cfg=Config(), model_dir=model_dir, progress=False)
+        fit_bundle(data=tmp_path, out=tmp_path / "o", cfg=Config(fit=FIXED), model_dir=model_dir, progress=False)
 
     with pytest.raises(FitError, match="no images"):
         fit_here()
@@ -78,7 +80,7 @@ def test_fit_takes_any_image_set_a_user_brings(effnet_model_dir: Path, tmp_path:
             cv2.imwrite(str(folder / f"{i}.png"), crop.astype(np.uint16) * 257)  # 16-bit, same content
         else:
             cv2.imwrite(str(folder / f"{i}.png"), crop)
-    cfg = Config(fit=FitConfig(coreset=CoresetConfig(ratio=0.05, max_rows=200)))
+    cfg = Config(fit=FitConfig(coreset=CoresetConfig(ratio=0.05, max_rows=200), choose=FIXED.choose))
     m = fit_bundle(data=folder, out=tmp_path / "b", cfg=cfg, model_dir=effnet_model_dir, progress=False)
     assert m.input.channels == 3  # one colour file makes the folder colour
     assert m.fitted_on.images == 6 and sorted(m.fitted_on.image_sizes) == sorted(set(shapes))
@@ -95,7 +97,7 @@ def test_fit_takes_any_image_set_a_user_brings(effnet_model_dir: Path, tmp_path:
 def test_fit_is_the_one_entry_for_every_backend(
     synthetic_dataset: Path, effnet_model_dir: Path, tmp_path: Path
 ) -> None:
-    cfg = Config(fit=FitConfig(coreset=CoresetConfig(ratio=0.05, max_rows=50)))
+    cfg = Config(fit=FitConfig(coreset=CoresetConfig(ratio=0.05, max_rows=50), choose=FIXED.choose))
     result = fit(
         backend="patchcore",
         data=synthetic_dataset / "train/good",

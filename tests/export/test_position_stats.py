@@ -23,6 +23,9 @@ from pipeline.config import (
 from pipeline.inference.backends import open_backend
 from pipeline.inference.bundle import POSITION_STATS_FILE, BundleError, read_manifest
 from pipeline.inference.scoring import anomaly_map
+from tests.conftest import FIXED
+
+LEGACY_FLOOR = 0.5  # scoring.mad_floor of a bundle fitted without the choice
 
 EXACT = RuntimeConfig(knn=KnnConfig(index="flat"))
 
@@ -31,7 +34,7 @@ EXACT = RuntimeConfig(knn=KnnConfig(index="flat"))
 def stats_bundle(tmp_path_factory: pytest.TempPathFactory, synthetic_dataset: Path, effnet_model_dir: Path) -> Path:
     out = tmp_path_factory.mktemp("stats") / "bundle"
     # A bank of a quarter of the patches, so that a training image's own patches are often in it.
-    cfg = Config(fit=FitConfig(position_folds=2, coreset=CoresetConfig(ratio=0.25)), runtime=EXACT)
+    cfg = Config(fit=FitConfig(position_folds=2, coreset=CoresetConfig(ratio=0.25), choose=FIXED.choose), runtime=EXACT)
     fit_bundle(data=synthetic_dataset / "train/good", out=out, cfg=cfg, model_dir=effnet_model_dir, progress=False)
     return out
 
@@ -43,7 +46,7 @@ def test_fit_writes_cross_fitted_statistics(stats_bundle: Path, synthetic_datase
     assert POSITION_STATS_FILE in m.files
     with np.load(stats_bundle / POSITION_STATS_FILE) as z:
         median, mad = z["median"], z["mad"]
-    mad = np.maximum(mad, np.float32(ScoringConfig().mad_floor * float(np.median(mad))))
+    mad = np.maximum(mad, np.float32(LEGACY_FLOOR * float(np.median(mad))))
     assert median.shape == mad.shape == (16, 32) and (mad > 0).all()
     # Cross-fitting: a training image scored against the bank that holds its own patches scores
     # lower than against a bank chosen without them, which is what the statistics describe.
@@ -59,7 +62,7 @@ def test_scorer_scores_images_by_their_largest_2x2_mean_position_z_score(
     image = read_image(next(iter(list_images(synthetic_dataset / "test" / "defect"))), 1)
     with np.load(stats_bundle / POSITION_STATS_FILE) as z:
         median, mad = z["median"], z["mad"]
-    mad = np.maximum(mad, np.float32(ScoringConfig().mad_floor * float(np.median(mad))))
+    mad = np.maximum(mad, np.float32(LEGACY_FLOOR * float(np.median(mad))))
     raw = open_backend(stats_bundle, runtime=EXACT, scoring=ScoringConfig(position_normalise="none"))
     img = open_backend(stats_bundle, runtime=EXACT, scoring=ScoringConfig(position_normalise="image"))
     zmap = open_backend(stats_bundle, runtime=EXACT, scoring=ScoringConfig(position_normalise="map"))
@@ -87,7 +90,7 @@ def test_fit_skips_statistics_for_mixed_image_sizes(tmp_path: Path, effnet_model
     rng = np.random.default_rng(0)
     for i, (h, w) in enumerate([(96, 128), (96, 128), (128, 96), (96, 128)]):
         cv2.imwrite(str(tmp_path / f"{i}.png"), rng.integers(0, 256, (h, w), dtype=np.uint8))
-    m = fit_bundle(data=tmp_path, out=tmp_path / "b", cfg=Config(), model_dir=effnet_model_dir, progress=False)
+    m = fit_bundle(data=tmp_path, out=tmp_path / "b", cfg=Config(fit=FIXED), model_dir=effnet_model_dir, progress=False)
     assert m.position_stats is None and POSITION_STATS_FILE not in m.files
 
 
