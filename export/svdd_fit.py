@@ -1,7 +1,9 @@
 """`stripinspect fit --backend svdd | msp`: train a patch encoder on normal images (Patch SVDD, or
 the multi-scale method of Tsai et al.), or take one trained before (``--encoder FILE.pt`` from
 `stripinspect train`), and write its bundle: the dense ONNX encoder and one coreset memory bank
-per scale, embedded through the runtime's own session code."""
+per scale, embedded through the runtime's own session code. Images are resized by the encoder's
+``scale`` (the config's when it trains here; the file's own with ``--encoder``: codes are only
+meaningful at the scale the encoder learned), and the bundle records it for scoring."""
 
 from __future__ import annotations
 
@@ -17,7 +19,15 @@ from tqdm import tqdm
 from export.coreset import StreamingCoreset
 from export.msp import INFERENCE as MSP_SCALES
 from export.svdd import SvddError, export_dense_encoder
-from export.trained import Backend, TrainedEncoder, load_encoder, read_training_images, train_encoder, write_curves
+from export.trained import (
+    Backend,
+    TrainedEncoder,
+    load_encoder,
+    read_training_images,
+    scale_images,
+    train_encoder,
+    write_curves,
+)
 from pipeline.config import Config
 from pipeline.inference.bundle import (
     MODEL_FILE,
@@ -94,6 +104,7 @@ def _write_bundle(
     if not math.isfinite(hist.loss[-1]):
         raise SvddError("training diverged (loss is not finite)")
     channels = images[0].shape[2]  # = te.channels (checked)
+    originals, images = images, scale_images(images, te.scale)  # the banks at the scale it was trained at
     write_curves(hist, out)
     verified = export_dense_encoder(te.dense(), channels, out / "model.onnx", outputs=tuple(o for *_, o, _ in scales))
     # The banks are embedded through the runtime's own code (pipeline.inference.svdd.dense_codes): what
@@ -134,11 +145,11 @@ def _write_bundle(
         kind=kind,
         created_utc=dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         # The dense encoder maps pixels to [-1, 1] inside the graph (export.svdd.DenseSvdd).
-        input=InputSpec(channels=channels, mean=(127.5,) * 3, std=(127.5,) * 3, scale=1.0),
+        input=InputSpec(channels=channels, mean=(127.5,) * 3, std=(127.5,) * 3, scale=te.scale),
         fitted_on=FittedOn(
             data=str(data),
             images=len(images),
-            image_sizes=sorted({(int(im.shape[0]), int(im.shape[1])) for im in images}),
+            image_sizes=sorted({(int(im.shape[0]), int(im.shape[1])) for im in originals}),
             fit_seconds=fit_seconds,
         ),
         dim=dim,

@@ -34,6 +34,7 @@ from export.svdd import (
 )
 from pipeline.acquisition.images import ImageReadError, read_image, survey_training_folder
 from pipeline.config import Config
+from pipeline.inference.resize import resize_to, scaled_hw
 
 Backend = Literal["svdd", "msp"]
 FILE_FORMAT = 1
@@ -49,6 +50,7 @@ class TrainedEncoder:
     training: dict[str, Any]  # the settings it was trained with (the config section, less bank_rows)
     images: int
     data: str
+    scale: float = 1.0  # the resize factor its images were trained at; banks and scoring use the same
 
     @property
     def final_ssl_accuracy(self) -> float:
@@ -76,8 +78,10 @@ def read_training_images(data: Path) -> list[np.ndarray]:
 def train_encoder(
     backend: Backend, images: list[np.ndarray], data: Path, cfg: Config, *, progress: bool = True
 ) -> TrainedEncoder:
-    """Train ``backend`` on ``images`` (read from ``data``) with the config's settings."""
+    """Train ``backend`` on ``images`` (read from ``data``, resized by the section's ``scale``)
+    with the config's settings."""
     section = cfg.svdd if backend == "svdd" else cfg.msp
+    images = scale_images(images, section.scale)
     enc: nn.Module
     if backend == "svdd":
         enc, hist = train_svdd(images, cfg.svdd, progress=progress)
@@ -93,7 +97,14 @@ def train_encoder(
         training=section.model_dump(mode="json", exclude={"bank_rows"}),
         images=len(images),
         data=str(data),
+        scale=section.scale,
     )
+
+
+def scale_images(images: list[np.ndarray], scale: float) -> list[np.ndarray]:
+    """Each image resized by ``scale`` (the bundle's resize rule, ``pipeline.inference.resize``);
+    the same arrays at 1.0."""
+    return [resize_to(im, scaled_hw(im.shape[0], im.shape[1], scale)) for im in images]
 
 
 def write_curves(hist: SvddHistory, folder: Path, stem: str = "") -> None:
@@ -153,6 +164,8 @@ def load_encoder(path: Path, backend: Backend) -> TrainedEncoder:
             training=dict(raw["training"]),
             images=int(raw["images"]),
             data=str(raw["data"]),
+            # Files written before the setting existed were trained at full resolution.
+            scale=float(raw["training"].get("scale", 1.0)),
         )
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
         raise SvddError(f"{path}: broken encoder file ({str(err).splitlines()[0][:120]})") from None

@@ -538,6 +538,13 @@ class _EncoderTraining(_Section):
     patience: int = Field(default=5, ge=1, le=10_000, description="Hundreds of steps without 1 % gain: stop.")
     seed: int = Field(default=0, ge=0, description="Seed of weights and patch sampling.")
     bank_rows: int = Field(default=16_384, ge=1, le=10_000_000, description="Coreset rows per scale.")
+    scale: float = Field(
+        default=1.0,
+        gt=0.0,
+        le=4.0,
+        description="Resize factor of every image before training, the banks and scoring (1.0 = full resolution; "
+        "0.5 gives MVTec AD's 512 px objects the papers' 256 px). Stored in the encoder file and the bundle.",
+    )
     device: str = Field(
         default="cpu", pattern=r"^(cpu|cuda(:\d+)?)$", description="torch device for training: cpu, cuda or cuda:N."
     )

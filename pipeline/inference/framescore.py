@@ -113,6 +113,8 @@ class EncoderFrameScorer:
             raise ValueError(
                 "daemon.tile is for PatchCore bundles; encoder bundles embed whole frames (set tile: null)"
             )
+        if scorer.scale != 1.0:
+            raise ValueError(f"the daemon scores at the bundle's full resolution; bundle scale is {scorer.scale}")
         self.scorer = scorer
         self.margin = max(s.patch for s in scorer.manifest.scales)
 

@@ -21,6 +21,7 @@ from pipeline.inference.bundle import (
 from pipeline.inference.embed import MIN_SIDE, EmbedderError, OnnxEmbedder
 from pipeline.inference.framescore import FrameScorer
 from pipeline.inference.knn import FaissIndex, KnnError
+from pipeline.inference.resize import resize_to, scaled_hw
 from pipeline.inference.scoring import anomaly_map, max_window_mean, reweighted_image_score
 
 # Patch window of the image score under per-position normalisation (see score_features).
@@ -48,19 +49,12 @@ MIN_IMAGE_SIDE = 8
 def model_hw(height: int, width: int, scale: float) -> tuple[int, int]:
     """The size an image of ``height`` x ``width`` is embedded at: the bundle's resize factor,
     and no side under the graph's minimum (a small image is enlarged, its map resized back)."""
-    if scale == 1.0 and height >= MIN_SIDE and width >= MIN_SIDE:
-        return height, width
-    return max(MIN_SIDE, round(height * scale)), max(MIN_SIDE, round(width * scale))
+    return scaled_hw(height, width, scale, MIN_SIDE)
 
 
 def resize_for_model(image: np.ndarray, scale: float) -> np.ndarray:
     """Apply the bundle's resize factor (and the minimum side); (H, W, C) uint8 in and out."""
-    h, w = image.shape[:2]
-    mh, mw = model_hw(h, w, scale)
-    if (mh, mw) == (h, w):
-        return image
-    out = cv2.resize(image, (mw, mh), interpolation=cv2.INTER_AREA if mh * mw < h * w else cv2.INTER_LINEAR)
-    return out.reshape(mh, mw, image.shape[2])
+    return resize_to(image, model_hw(image.shape[0], image.shape[1], scale))
 
 
 def open_bundle(

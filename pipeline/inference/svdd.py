@@ -6,7 +6,9 @@ patch of each scale at that scale's stride out) and one bank of normal codes per
 patch's score is the L2 distance of its code to the nearest normal code; each pixel gets the
 mean score of the patches covering it; the scales' maps are multiplied (Patch SVDD: 64 and 32
 px) or summed (multi-scale: 64, 32 and 16 px); the image score is the map's maximum (Patch
-SVDD) or the maximum of its 8 x 8-window means (multi-scale).
+SVDD) or the maximum of its 8 x 8-window means (multi-scale). A bundle with ``input.scale`` other
+than 1 scores each image resized by it (the scale its encoder was trained at) and resizes the map
+back; the image score is taken at the encoder's scale.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+import cv2
 import numpy as np
 import onnxruntime as ort
 
@@ -22,6 +25,7 @@ from pipeline.inference.bundle import MODEL_FILE, BundleError, EncoderManifest, 
 from pipeline.inference.framescore import EncoderFrameScorer
 from pipeline.inference.knn import FaissIndex, KnnError
 from pipeline.inference.patchcore import ImageScore
+from pipeline.inference.resize import resize_to, scaled_hw
 from pipeline.inference.scoring import max_window_mean, patch_mean_map
 
 SVDD_KIND: Literal["patch_svdd"] = "patch_svdd"
@@ -48,10 +52,9 @@ class SvddScorer:
     """Scores images against a Patch SVDD or multi-scale bundle (a ``backends.Backend``).
     Opened by ``backends.open_backend``."""
 
-    scale = 1.0
-
     def __init__(self, *, manifest: EncoderManifest, session: ort.InferenceSession, indexes: list[FaissIndex]) -> None:
         self.manifest = manifest
+        self.scale = manifest.input.scale
         self.kind = manifest.kind
         self.session = session
         self.indexes = indexes
@@ -104,7 +107,7 @@ class SvddScorer:
         return EncoderFrameScorer(scorer=self, tile=tile)
 
     def codes(self, image: np.ndarray) -> list[np.ndarray]:
-        """Codes per scale, each (h, w, dim) float32."""
+        """Codes per scale of an image already at the bundle's scale, each (h, w, dim) float32."""
         return dense_codes(self.session, [s.output for s in self.manifest.scales], image)
 
     def check_image(self, image: np.ndarray) -> np.ndarray:
@@ -115,8 +118,8 @@ class SvddScorer:
             image = image[:, :, None]
         if image.ndim != 3 or image.shape[2] != self.channels:
             raise ValueError(f"image shape {image.shape} does not have the bundle's {self.channels} channel(s)")
-        if min(image.shape[:2]) < self.min_side:
-            raise ValueError(f"image {image.shape} smaller than the {self.min_side} px patches")
+        if min(scaled_hw(image.shape[0], image.shape[1], self.scale)) < self.min_side:
+            raise ValueError(f"image {image.shape} at scale {self.scale} smaller than the {self.min_side} px patches")
         return image
 
     def search(self, codes: list[np.ndarray]) -> list[np.ndarray]:
@@ -147,6 +150,10 @@ class SvddScorer:
 
     def score(self, image: np.ndarray) -> ImageScore:
         image = self.check_image(image)
-        patch_scores = self.search(self.codes(image))
-        amap, score = self.combine_maps(patch_scores, image.shape[:2])
+        height, width = image.shape[:2]
+        pixels = resize_to(image, scaled_hw(height, width, self.scale))
+        patch_scores = self.search(self.codes(pixels))
+        amap, score = self.combine_maps(patch_scores, pixels.shape[:2])
+        if amap.shape != (height, width):
+            amap = cv2.resize(amap, (width, height), interpolation=cv2.INTER_LINEAR)
         return ImageScore(score=score, patch_scores=patch_scores[0], anomaly_map=amap)

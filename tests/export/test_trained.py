@@ -135,3 +135,48 @@ def test_time_budget_stops_training(svdd_data: Path) -> None:
     _, full = train_msp(images, cfg.model_copy(update={"iterations": 3, "max_minutes": None}), progress=False)
     assert not full.stopped_early and full.stop_reason == "iterations" and len(full.loss) == 3
     assert np.isfinite(full.loss).all()
+
+
+def test_a_scaled_encoder_is_the_same_as_resizing_the_images_outside(svdd_data: Path, tmp_path: Path) -> None:
+    """``svdd.scale`` 0.5 on 512 px images trains, fits and scores exactly as scale 1 on the same
+    images resized beforehand; the encoder file's scale, not the config's, decides at ``fit
+    --encoder``; maps come back at the image's own size; the daemon refuses such a bundle."""
+    import cv2
+
+    from pipeline.acquisition.images import read_image
+    from pipeline.config import KnnConfig, RuntimeConfig, ScoringConfig
+    from pipeline.inference.backends import open_backend
+    from pipeline.inference.framescore import EncoderFrameScorer
+    from pipeline.inference.resize import resize_to
+
+    big, small = tmp_path / "big", tmp_path / "small"
+    big.mkdir()
+    small.mkdir()
+    for f in sorted((svdd_data / "train" / "good").iterdir())[:4]:
+        im = cv2.resize(read_image(f, 1), (512, 512), interpolation=cv2.INTER_LINEAR)
+        cv2.imwrite(str(big / f.name), im)
+        cv2.imwrite(str(small / f.name), resize_to(im[:, :, None], (256, 256)))
+
+    def tiny(scale: float) -> Config:
+        return Config(svdd=SvddConfig(dim=8, iterations=6, crops=1, samples=8, lr=1e-5, bank_rows=128, scale=scale))
+
+    enc_file = tmp_path / "half.pt"
+    save_encoder(train_encoder("svdd", read_training_images(big), big, tiny(0.5)), enc_file)
+    assert load_encoder(enc_file, "svdd").scale == 0.5
+    m_half = fit_svdd(data=big, out=tmp_path / "half", cfg=tiny(1.0), encoder=enc_file)
+    m_out = fit_svdd(data=small, out=tmp_path / "out", cfg=tiny(1.0))
+    assert m_half.input.scale == 0.5 and m_out.input.scale == 1.0
+    assert m_half.fitted_on.image_sizes == [(512, 512)] and m_half.training["scale"] == 0.5
+    for name in ("index.faiss", "index32.faiss"):
+        assert m_half.files[name] == m_out.files[name]  # the same banks, byte for byte
+
+    runtime = RuntimeConfig(knn=KnnConfig(index="flat"))
+    half = open_backend(tmp_path / "half", runtime=runtime, scoring=ScoringConfig())
+    out = open_backend(tmp_path / "out", runtime=runtime, scoring=ScoringConfig())
+    image = read_training_images(big)[0]
+    got, want = half.score(image), out.score(resize_to(image, (256, 256)))
+    assert got.anomaly_map.shape == (512, 512) and got.score == pytest.approx(want.score, rel=1e-5)
+    want_map = cv2.resize(want.anomaly_map, (512, 512), interpolation=cv2.INTER_LINEAR)
+    np.testing.assert_allclose(got.anomaly_map, want_map, rtol=1e-4, atol=1e-6 * float(want_map.max()))
+    with pytest.raises(ValueError, match="full resolution; bundle scale is 0.5"):
+        EncoderFrameScorer(scorer=half, tile=None)  # type: ignore[arg-type]
