@@ -112,12 +112,12 @@ class ChooseConfig(_Section):
     )
     folds: int = Field(default=4, ge=2, le=64, description="Cross-fitting folds of those images.")
     scales: list[float] = Field(
-        default=[1.0, 2.0],
+        default=[1.0],
         min_length=1,
         description="Candidate resize factors, in order of preference. A factor that makes the median image's "
-        "short side under min_side or, enlarging, its long side over max_side is skipped (2.0 applies to images "
-        "of at most 384 px, never to line-scan frames). Shrinking (0.5) lost on both visible data sets and the "
-        "daemon scores frames at full resolution; add it for still images.",
+        "short side under min_side or, enlarging, its long side over max_side is skipped. Default: full "
+        "resolution only, because the daemon scores line-scan frames at full resolution and half resolution "
+        "lost on both visible data sets; for still images list e.g. [1.0, 0.5, 2.0].",
     )
     min_side: int = Field(default=96, ge=16, le=4096, description="Smallest short side a scale may produce.")
     max_side: int = Field(default=768, ge=64, le=16384, description="Largest long side an enlarging scale may produce.")

@@ -49,14 +49,12 @@ def test_pinned_settings_are_not_chosen_and_scales_fit_the_images() -> None:
     assert candidate_scales(cfg, [(512, 512)]) == [1.0]
     assert scoring_candidates(cfg, with_stats=True) == [("map", 0.5, "window")]
     auto = Config()
-    # 2.0 would make a 512 px image 1,024 px (over max_side 768); 0.5, where listed, leaves 256 (over
-    # min_side 96).
-    assert candidate_scales(auto, [(512, 512)]) == [1.0]
-    assert candidate_scales(Config(fit=FitConfig(choose=ChooseConfig(scales=[1.0, 0.5, 2.0]))), [(512, 512)]) == [
-        1.0,
-        0.5,
-    ]
-    assert candidate_scales(auto, [(100, 160), (120, 90)]) == [1.0, 2.0]
+    assert candidate_scales(auto, [(100, 160)]) == [1.0]  # the daemon scores frames at full resolution
+    # For still images: 2.0 would make a 512 px image 1,024 px (over max_side 768); 0.5 leaves 256
+    # (over min_side 96); small images may be enlarged.
+    still = Config(fit=FitConfig(choose=ChooseConfig(scales=[1.0, 0.5, 2.0])))
+    assert candidate_scales(still, [(512, 512)]) == [1.0, 0.5]
+    assert candidate_scales(still, [(100, 160), (120, 90)]) == [1.0, 2.0]
     # Without position statistics (mixed sizes) only 'none' applies, eq. 7 first.
     assert scoring_candidates(auto, with_stats=False) == [("none", 0.0, "reweighted"), ("none", 0.0, "window")]
     with_stats = scoring_candidates(auto, with_stats=True)
