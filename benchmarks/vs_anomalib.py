@@ -281,7 +281,8 @@ def run_stripinspect(data: Path, work: Path, config: Path) -> Row:
     bundle, metrics = work / "bundle", work / "eval" / "metrics.json"
     cli = [sys.executable, "-m", "stripinspect"]
     conf = ["--config", str(config)]
-    fit = run_child([*cli, "fit", *conf, "--data", str(data / "train" / "good"), "--out", str(bundle)], work / "fit.log")
+    train = data / "train" / "good"
+    fit = run_child([*cli, "fit", *conf, "--data", str(train), "--out", str(bundle)], work / "fit.log")
     ev = run_child(
         [*cli, "evaluate", *conf, "--bundle", str(bundle), "--data", str(data), "--out", str(metrics)],
         work / "evaluate.log",
