@@ -33,7 +33,8 @@ over every test pixel, AUPRO to FPR 0.3 with 8-connected ground-truth regions.
 
 Fit time and peak memory: each fit runs in a child process of its own; the time is that
 process's wall clock (interpreter start and imports included, as ``/usr/bin/time``) and the
-peak is its maximum resident set size from ``os.wait4``, so the two fits never share a peak.
+peak is its own maximum resident set size from ``os.wait4`` in a bare launcher process (see
+``run_child``), so the two fits never share a peak.
 Time per test image: stripinspect's is evaluate's own (``scorer.score`` on the decoded image,
 full-resolution map out); anomalib's is the pre-processing, the model's forward pass and the
 resize of its map to the image size, one image per batch, without reading the file. Both use
@@ -113,8 +114,24 @@ class Row:
     evaluate: dict[str, Any]
 
 
+# Linux keeps a process's peak RSS across exec, starting from the RSS of the process it was forked
+# from, so a child forked straight from this one (torch imported, hundreds of MB) would report at
+# least that. A bare interpreter forks the real command instead, as /usr/bin/time does, and
+# reports that command's own wait4 rusage: exit code and ru_maxrss (KiB on Linux).
+_LAUNCHER = """
+import json, os, subprocess, sys
+proc = subprocess.Popen(sys.argv[2:])
+_, status, usage = os.wait4(proc.pid, 0)
+with open(sys.argv[1], "w") as f:
+    json.dump([os.waitstatus_to_exitcode(status), usage.ru_maxrss], f)
+"""
+
+
 def run_child(cmd: list[str], log: Path) -> ChildRun:
-    """Run ``cmd`` from the repository root, output to ``log``; fail with the log's tail."""
+    """Run ``cmd`` from the repository root, output to ``log``; fail with the log's tail.
+
+    The peak is the command's own maximum resident set size; it includes the few MB of the bare
+    launcher interpreter it was forked from (about 10 MB), never another child's peak."""
     env = {
         **os.environ,
         "PYTHONPATH": str(REPO),
@@ -136,21 +153,27 @@ def run_child(cmd: list[str], log: Path) -> ChildRun:
 
     sampler = threading.Thread(target=sample, daemon=True)
     log.parent.mkdir(parents=True, exist_ok=True)
+    report = log.with_suffix(".rusage.json")
+    report.unlink(missing_ok=True)
     with open(log, "wb") as out:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
         sampler.start()
-        # wait4 gives this child's own rusage; RUSAGE_CHILDREN would be the maximum over all of them.
-        _, status, usage = os.wait4(proc.pid, 0)
+        t0 = time.perf_counter()
+        launcher = subprocess.run(
+            [sys.executable, "-S", "-c", _LAUNCHER, str(report), *cmd],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            check=False,
+        )
         wall = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
     stop.set()
     sampler.join()
-    if proc.returncode != 0:
+    code, maxrss_kib = json.loads(report.read_text()) if launcher.returncode == 0 else (launcher.returncode, 0)
+    if code != 0:
         tail = log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-15:]
-        raise SystemExit(f"{' '.join(cmd)} exited {proc.returncode}; {log}:\n" + "\n".join(tail))
-    # ru_maxrss is in KiB on Linux.
-    return ChildRun(wall_s=wall, peak_rss_bytes=int(usage.ru_maxrss) * 1024, mean_load=float(np.mean(loads)))
+        raise SystemExit(f"{' '.join(cmd)} exited {code}; {log}:\n" + "\n".join(tail))
+    return ChildRun(wall_s=wall, peak_rss_bytes=int(maxrss_kib) * 1024, mean_load=float(np.mean(loads)))
 
 
 # --- anomalib, in child processes of this script ---------------------------------------------
