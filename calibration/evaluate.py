@@ -64,7 +64,7 @@ def find_test_images(data: Path) -> list[TestImage]:
 
 
 def _per_type(
-    items: list[TestImage],
+    types: np.ndarray,
     scores: np.ndarray,
     labels: np.ndarray,
     neg: np.ndarray,
@@ -74,7 +74,6 @@ def _per_type(
     """Each defect type on its own (MVTec bottle: broken_large, broken_small, contamination):
     image AUROC of its images against all normal ones; pixel AUROC and AUPRO of its regions
     against the normal pixels of every test image (the same negatives as the overall figures)."""
-    types = np.array([it.defect_type for it in items])
     out: dict[str, dict[str, float | int]] = {}
     for t in sorted(set(types.tolist()) - {"good"}):
         sel = (types == t) | ~labels
@@ -89,6 +88,65 @@ def _per_type(
     return out
 
 
+class MetricTally:
+    """Image scores and full-resolution score maps in, one image at a time; evaluate's figures out.
+
+    The one place that turns scores, maps and masks into image AUROC, pixel AUROC and AUPRO,
+    so that any scorer (a bundle here, a peer's model in benchmarks/vs_anomalib.py) is measured
+    the same way. Keeps only what the metrics need: each image's score and label, the scores of
+    its normal pixels and of each 8-connected ground-truth region.
+    """
+
+    def __init__(self) -> None:
+        self._types: list[str] = []
+        self._scores: list[float] = []
+        self._negatives: list[np.ndarray] = []
+        self._regions: list[np.ndarray] = []
+        self._region_types: list[str] = []
+
+    def add(self, *, defect_type: str, score: float, anomaly_map: np.ndarray, mask: np.ndarray) -> None:
+        """One test image: ``defect_type`` "good" for normal ones; ``anomaly_map`` (H, W) and bool
+        ``mask`` (H, W) at the image's own size."""
+        if anomaly_map.shape != mask.shape:
+            raise EvaluationError(f"score map shape {anomaly_map.shape} differs from mask shape {mask.shape}")
+        self._types.append(defect_type)
+        self._scores.append(float(score))
+        self._negatives.append(anomaly_map[~mask])
+        n, lab = label_regions(mask)
+        for r in range(1, n + 1):
+            self._regions.append(anomaly_map[lab == r])
+            self._region_types.append(defect_type)
+
+    @property
+    def scores(self) -> np.ndarray:
+        return np.asarray(self._scores, dtype=np.float64)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.asarray([t != "good" for t in self._types], dtype=bool)
+
+    def figures(self) -> tuple[dict[str, object], np.ndarray, np.ndarray]:
+        """(metrics, every normal pixel's score ascending, every defect pixel's score); the
+        per-pixel lists are dropped from the tally (they can hold hundreds of megabytes)."""
+        scores, labels = self.scores, self.labels
+        if labels.all() or not labels.any():
+            raise EvaluationError("need both good and defect images")
+        neg = np.sort(np.concatenate(self._negatives))
+        self._negatives.clear()
+        pos = np.concatenate(self._regions) if self._regions else np.empty(0, np.float32)
+        metrics: dict[str, object] = {
+            "image_auroc": auroc(scores, labels),
+            "pixel_auroc": auroc_from_sorted(neg, pos),
+            "pixel_aupro": pro_auc_from_regions(neg, self._regions, 0.3),
+            "images": len(scores),
+            "images_good": int((~labels).sum()),
+            "images_defect": int(labels.sum()),
+            "defect_regions": len(self._regions),
+            "per_type": _per_type(np.asarray(self._types), scores, labels, neg, self._regions, self._region_types),
+        }
+        return metrics, neg, pos
+
+
 def evaluate(
     *, bundle: Path, data: Path, out: Path, cfg: Config, overlays_per_type: int = 4, progress: bool = True
 ) -> dict[str, object]:
@@ -98,11 +156,7 @@ def evaluate(
     out.parent.mkdir(parents=True, exist_ok=True)
     overlay_dir = out.parent / "overlays"
     overlay_dir.mkdir(exist_ok=True)
-    image_scores: list[float] = []
-    labels: list[bool] = []
-    negatives: list[np.ndarray] = []
-    regions: list[np.ndarray] = []
-    region_types: list[str] = []
+    tally = MetricTally()
     kept: list[tuple[str, float, np.ndarray, np.ndarray, np.ndarray | None]] = []
     per_type_kept: dict[str, int] = {}
     seconds = 0.0
@@ -116,30 +170,16 @@ def evaluate(
         t = time.perf_counter()
         result = scorer.score(image)
         seconds += time.perf_counter() - t
-        image_scores.append(result.score)
-        labels.append(item.defect_type != "good")
-        negatives.append(result.anomaly_map[~mask])
-        n, lab = label_regions(mask)
-        for r in range(1, n + 1):
-            regions.append(result.anomaly_map[lab == r])
-            region_types.append(item.defect_type)
-        rows.append((str(item.path.relative_to(data)), item.defect_type, int(labels[-1]), result.score))
+        tally.add(defect_type=item.defect_type, score=result.score, anomaly_map=result.anomaly_map, mask=mask)
+        rows.append((str(item.path.relative_to(data)), item.defect_type, int(item.defect_type != "good"), result.score))
         if per_type_kept.get(item.defect_type, 0) < overlays_per_type:
             per_type_kept[item.defect_type] = per_type_kept.get(item.defect_type, 0) + 1
             kept.append((f"{item.defect_type}_{item.path.stem}", result.score, image, result.anomaly_map, mask))
-    neg = np.sort(np.concatenate(negatives))
-    negatives.clear()
-    pos = np.concatenate(regions) if regions else np.empty(0, np.float32)
+    figures, neg, pos = tally.figures()
     metrics: dict[str, object] = {
-        "image_auroc": auroc(np.asarray(image_scores), np.asarray(labels)),
-        "pixel_auroc": auroc_from_sorted(neg, pos),
-        "pixel_aupro": pro_auc_from_regions(neg, regions, 0.3),
-        "images": len(items),
-        "images_good": int(len(labels) - sum(labels)),
-        "images_defect": int(sum(labels)),
-        "defect_regions": len(regions),
+        **{k: v for k, v in figures.items() if k != "per_type"},
         "seconds_per_image": seconds / len(items),
-        "per_type": _per_type(items, np.asarray(image_scores), np.asarray(labels), neg, regions, region_types),
+        "per_type": figures["per_type"],
         "bundle": str(bundle),
         "backbone": described["backbone"],
         "bank_rows": described["bank_rows"],
@@ -159,7 +199,7 @@ def evaluate(
             vmax=vmax,
             title=f"{name}: image score {score:.3g} (green: ground truth)",
         )
-    scores, is_defect = np.asarray(image_scores), np.asarray(labels)
+    scores, is_defect = tally.scores, tally.labels
     _, best_t = best_f1_threshold(scores, is_defect)
     plot_score_histogram(
         out.parent / "scores.png",

@@ -85,3 +85,21 @@ def test_modules_import_only_what_their_row_allows() -> None:
             checked += 1
     assert checked > 50
     assert offenders == []
+
+
+def test_benchmark_extra_is_imported_by_benchmarks_only() -> None:
+    # anomalib and what it brings (pyproject's bench extra) are for benchmarks/vs_anomalib.py, run
+    # from a separate environment; the product must not need them.
+    bench_only = ("anomalib", "lightning", "pytorch_lightning", "timm")
+    offenders = []
+    for top in ("pipeline", "export", "calibration", "stripinspect"):
+        for path in sorted((REPO / top).rglob("*.py")):
+            tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+            for node in ast.walk(tree):
+                names = []
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                    names = [node.module]
+                offenders += [f"{path.relative_to(REPO)}: {n}" for n in names if n.split(".")[0] in bench_only]
+    assert offenders == []
