@@ -109,12 +109,13 @@ def test_bad_training_input_is_one_clear_error() -> None:
 
 
 def test_trainer_reads_every_setting_of_its_config_section(monkeypatch: pytest.MonkeyPatch) -> None:
-    # The trainer takes the `msp:` section itself; every key but the bank size (the fit's) is read.
+    # The trainer takes the `msp:` section itself; every key but the bank size and the image scale
+    # (both the fit's: images arrive resized, export/trained.py) is read.
     read: set[str] = set()
     cfg = _recording(MspConfig, read, dim=8, iterations=3, crops=1, samples=8, clusters=4, kmeans_every=2, lr=3e-3)
     lrs: list[float] = []
     adam = torch.optim.Adam
     monkeypatch.setattr(torch.optim, "Adam", lambda params, lr: lrs.append(lr) or adam(params, lr=lr))
     enc, hist = train_msp(_structured_images(1, seed=0), cfg, progress=False)
-    assert read == set(MspConfig.model_fields) - {"bank_rows"}
+    assert read == set(MspConfig.model_fields) - {"bank_rows", "scale"}
     assert lrs == [3e-3] and len(hist.loss) == len(hist.kmeans) == 3 and enc.enc16.net[-2].out_channels == 8

@@ -136,12 +136,12 @@ def _recording(section: type[BaseModel], read: set[str], **values: object) -> Ba
 
 def test_trainer_reads_every_setting_of_its_config_section(monkeypatch: pytest.MonkeyPatch) -> None:
     # One definition of the settings (the config schema): the trainer takes the `svdd:` section
-    # itself, and every key of it but the bank size (the fit's) changes the training.
+    # itself, and every key of it but the bank size and the image scale (the fit's) changes the training.
     read: set[str] = set()
     cfg = _recording(SvddConfig, read, dim=8, iterations=3, crops=1, samples=4, lr=3e-3, seed=1)
     lrs: list[float] = []
     adam = torch.optim.Adam
     monkeypatch.setattr(torch.optim, "Adam", lambda params, lr: lrs.append(lr) or adam(params, lr=lr))
     enc, hist = train_svdd(_structured_images(1, seed=0), cfg, progress=False)
-    assert read == set(SvddConfig.model_fields) - {"bank_rows"}
+    assert read == set(SvddConfig.model_fields) - {"bank_rows", "scale"}
     assert lrs == [3e-3] and len(hist.loss) == 3 and enc.enc32.net[-2].out_channels == 8
