@@ -281,20 +281,35 @@ def run_anomalib(data: Path, work: Path, norm: str) -> Row:
     ev = run_child(_child_cmd("anomalib-evaluate", data, work, norm), work / "evaluate.log")
     info = json.loads((work / "fit.json").read_text(encoding="utf-8"))
     m = json.loads((work / "metrics.json").read_text(encoding="utf-8"))
+    method = f"anomalib {_version('anomalib')} PatchCore, Lite0 {IMAGE_SIZE[0]} x {IMAGE_SIZE[1]} ({norm})"
+    return _row(data, method, fit, ev, m, bank_rows=info["bank_rows"], fit_extra=info)
+
+
+def _row(
+    data: Path,
+    method: str,
+    fit: ChildRun,
+    ev: ChildRun,
+    m: dict[str, Any],
+    *,
+    bank_rows: int,
+    fit_extra: dict[str, Any],
+) -> Row:
+    """One table row from a fit child, an evaluate child and the metrics both sides share."""
     return Row(
         dataset=data.name,
-        method=f"anomalib {_version('anomalib')} PatchCore, Lite0 {IMAGE_SIZE[0]} x {IMAGE_SIZE[1]} ({norm})",
+        method=method,
         image_auroc=m["image_auroc"],
         pixel_auroc=m["pixel_auroc"],
         aupro=m["pixel_aupro"],
         fit_s=fit.wall_s,
         fit_peak_rss_bytes=fit.peak_rss_bytes,
         s_per_image=m["seconds_per_image"],
-        bank_rows=info["bank_rows"],
+        bank_rows=bank_rows,
         test_images=m["images"],
         fit_load=fit.mean_load,
         eval_load=ev.mean_load,
-        fit={**asdict(fit), **info},
+        fit={**asdict(fit), **fit_extra},
         evaluate={**asdict(ev), **m},
     )
 
@@ -312,21 +327,8 @@ def run_stripinspect(data: Path, work: Path, config: Path) -> Row:
     )
     manifest = json.loads((bundle / "manifest.json").read_text(encoding="utf-8"))
     m = json.loads(metrics.read_text(encoding="utf-8"))
-    return Row(
-        dataset=data.name,
-        method="stripinspect, default config",
-        image_auroc=m["image_auroc"],
-        pixel_auroc=m["pixel_auroc"],
-        aupro=m["pixel_aupro"],
-        fit_s=fit.wall_s,
-        fit_peak_rss_bytes=fit.peak_rss_bytes,
-        s_per_image=m["seconds_per_image"],
-        bank_rows=m["bank_rows"],
-        test_images=m["images"],
-        fit_load=fit.mean_load,
-        eval_load=ev.mean_load,
-        fit={**asdict(fit), "manifest": manifest},
-        evaluate={**asdict(ev), **m},
+    return _row(
+        data, "stripinspect, default config", fit, ev, m, bank_rows=m["bank_rows"], fit_extra={"manifest": manifest}
     )
 
 

@@ -38,7 +38,7 @@ from pipeline.inference.bundle import (
 )
 from pipeline.inference.embed import OnnxEmbedder
 from pipeline.inference.knn import FaissIndex, build_index, write_index
-from pipeline.inference.patchcore import model_hw, resize_for_model
+from pipeline.inference.patchcore import median_mad, model_hw, resize_for_model
 
 
 class FitError(StripinspectError):
@@ -220,11 +220,7 @@ def _position_stats(
             bar.update(1)
     bar.close()
     g = np.stack(grids)
-    median = np.median(g, axis=0)
-    mad = np.median(np.abs(g - median), axis=0)
-    # A position whose held-out scores never vary would divide by zero; floor the MAD at a
-    # thousandth of the typical one.
-    mad = np.maximum(mad, 1e-3 * max(float(np.median(mad)), 1e-12))
+    median, mad = median_mad(g)
     np.savez(out / POSITION_STATS_FILE, median=median.astype(np.float32), mad=mad.astype(np.float32))
     return PositionStats(
         file=POSITION_STATS_FILE,

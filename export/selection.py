@@ -41,7 +41,14 @@ from pipeline.config import Config, KnnConfig
 from pipeline.inference.bundle import CandidateResult, ChosenSettings, Selection
 from pipeline.inference.embed import OnnxEmbedder
 from pipeline.inference.knn import FaissIndex
-from pipeline.inference.patchcore import floor_mad, image_score, model_hw, nearest_patch_scores, resize_for_model
+from pipeline.inference.patchcore import (
+    floor_mad,
+    image_score,
+    median_mad,
+    model_hw,
+    nearest_patch_scores,
+    resize_for_model,
+)
 from pipeline.inference.scoring import anomaly_map
 
 TIE = 0.001
@@ -160,10 +167,7 @@ def choose_settings(
         if with_stats:
             grids = np.stack([s.patch for s in normal_s])
             for k in range(folds):
-                g = grids[[f != k for f in fold_of]]
-                median = np.median(g, axis=0)
-                mad = np.median(np.abs(g - median), axis=0)
-                stats[k] = (median, np.maximum(mad, 1e-3 * max(float(np.median(mad)), 1e-12)))
+                stats[k] = median_mad(grids[[f != k for f in fold_of]])
         pixel_cache: dict[tuple[str, float, int], tuple[float, float]] = {}
         for norm, floor, rule in scoring_candidates(cfg, with_stats):
             normal_out = [_apply(s, stats, norm, floor, rule) for s in normal_s]

@@ -217,6 +217,14 @@ def resolve_settings(scoring: ScoringConfig, manifest: PatchCoreManifest) -> Cho
     return ChosenSettings(scale=manifest.input.scale, position_normalise=norm, mad_floor=floor, image_score=rule)
 
 
+def median_mad(grids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Median and MAD per position of held-out patch-score grids (n, h, w). A position whose
+    scores never vary would divide by zero: its MAD is floored at a thousandth of the typical one."""
+    median = np.median(grids, axis=0)
+    mad = np.median(np.abs(grids - median), axis=0)
+    return median, np.maximum(mad, 1e-3 * max(float(np.median(mad)), 1e-12))
+
+
 def floor_mad(median: np.ndarray, mad: np.ndarray, floor: float) -> tuple[np.ndarray, np.ndarray]:
     """A robust scale needs a floor: a position that is constant on normal images (MAD near 0)
     would otherwise turn any small change into the image's top z-score."""
