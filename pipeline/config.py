@@ -8,7 +8,7 @@ runtime state.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -357,6 +357,15 @@ class SourceConfig(_Section):
         "(circumference / mm per line; 9400 = a 1.5 m backup roll at 0.5 mm per line). None = no "
         "periodic roll mark.",
     )
+    strip_width: int | None = Field(
+        default=None,
+        ge=32,
+        le=65_536,
+        description="Synthetic: pixels across the whole strip when several cameras share it; each camera "
+        "renders its slice from strip_x0 (the same strip and planted defects for every camera of one side). "
+        "None = the strip is this camera's width.",
+    )
+    strip_x0: int = Field(default=0, ge=0, le=65_536, description="Synthetic: the strip column of this camera's column 0.")
     folder: Path | None = Field(default=None, description="Images replayed in name order (kind: folder).")
     video: Path | None = Field(default=None, description="Video file read through OpenCV (kind: video).")
     genicam: GenicamConfig = Field(default_factory=lambda: GenicamConfig(), description="Camera settings (genicam).")
@@ -490,6 +499,29 @@ class DaemonConfig(_Section):
     publish_maps: bool = Field(
         default=False, description="Attach each frame's score map (valid rows, float16) to the frame message."
     )
+    side: Literal["top", "bottom"] = Field(
+        default="top", description="Strip surface this camera sees (coil records and reports keep sides apart)."
+    )
+    cd_offset_mm: float = Field(
+        default=0.0,
+        ge=-100_000,
+        le=100_000,
+        description="Strip CD (mm from the strip's reference edge) of this camera's strip_edge_px column: "
+        "cameras side by side across the width each have their own, so alerts carry CD in strip coordinates.",
+    )
+    thumbnail_px: int = Field(
+        default=64,
+        ge=0,
+        le=1024,
+        description="Side of the square crop around each defect sent with its alert (PNG, base64, for coil "
+        "records and the operator station); 0 = none.",
+    )
+    coil_schedule: Path | None = Field(
+        default=None,
+        description="CSV of coils for replays and tests (coil_id, grade, head_m, length_m, width_mm, "
+        "thickness_mm; head_m in strip metres from line 0): coils open and close as the strip passes. "
+        "None: coils come from the control socket (coil_start / coil_end), as from Level 2.",
+    )
 
     @model_validator(mode="after")
     def _known_recipe(self) -> DaemonConfig:
@@ -594,6 +626,191 @@ class MspConfig(_EncoderTraining):
     lr: float = Field(default=1e-3, gt=0, le=1, description="Adam learning rate.")
 
 
+Side = Literal["top", "bottom"]
+Disposition = Literal["prime", "secondary", "hold", "scrap"]
+# Worst last: a coil's disposition is the worst one among the rules it breaks ("prime" when none).
+DISPOSITIONS: tuple[Disposition, ...] = ("prime", "secondary", "hold", "scrap")
+
+
+class CoilCameraConfig(_Section):
+    """One camera daemon as the coil service sees it."""
+
+    pub: str = Field(description="The daemon's PUB endpoint (daemon.pub_endpoint); the proxy connects to it.")
+    control: str = Field(description="The daemon's control endpoint: journal replays and coil commands.")
+    side: Side = Field(description="Strip surface the camera sees (its daemon.side).")
+    cd_from_mm: float = Field(ge=-100_000, le=100_000, description="Strip CD where the camera's view starts.")
+    cd_to_mm: float = Field(ge=-100_000, le=100_000, description="Strip CD where the camera's view ends.")
+
+    @model_validator(mode="after")
+    def _span(self) -> CoilCameraConfig:
+        if self.cd_to_mm <= self.cd_from_mm:
+            raise ValueError(f"cd_to_mm ({self.cd_to_mm}) must be above cd_from_mm ({self.cd_from_mm})")
+        return self
+
+
+class CoilDbConfig(_Section):
+    """Coil records: SQLite in WAL mode."""
+
+    path: Path = Field(default=Path("coil_records/coils.sqlite"), description="Database file; thumbnails beside it.")
+    synchronous: Literal["NORMAL", "FULL"] = Field(
+        default="FULL", description="SQLite synchronous: FULL survives a power cut, NORMAL only a process crash."
+    )
+    max_age_days: float = Field(default=365.0, gt=0, le=36_500, description="Coils older than this are deleted.")
+    max_coils: int = Field(default=20_000, ge=1, le=10_000_000, description="Most coils kept; the oldest go first.")
+
+
+class PeriodicConfig(_Section):
+    """Defect families that repeat along MD (roll marks)."""
+
+    lane_mm: float = Field(default=20.0, gt=0, le=10_000, description="CD tolerance of one family's prints.")
+    md_tolerance_mm: float = Field(
+        default=15.0, gt=0, le=10_000, description="How far a print may sit from its family's period grid (MD)."
+    )
+    min_period_m: float = Field(default=0.3, gt=0, le=1000, description="Shortest period searched.")
+    max_period_m: float = Field(default=20.0, gt=0, le=10_000, description="Longest period searched.")
+    confirm_repeats: int = Field(
+        default=4, ge=3, le=10_000, description="Prints on the period grid before a family is confirmed and alerted."
+    )
+
+
+class RollConfig(_Section):
+    """A roll that can print a mark on the strip once per revolution."""
+
+    name: str = Field(min_length=1, max_length=64, description="Roll name as the mill uses it.")
+    circumference_mm: float = Field(gt=0, le=100_000, description="Nominal circumference (pi x new diameter).")
+    side: Literal["top", "bottom", "both"] = Field(default="both", description="Surface it touches.")
+
+
+class DensityRule(_Section):
+    """At most ``max_per_100m`` defects (of ``classes``, at least ``min_area_mm2``) per 100 m of coil."""
+
+    rule: Literal["density"] = "density"
+    max_per_100m: float = Field(ge=0, le=1e6, description="Defects per 100 m of coil allowed.")
+    min_area_mm2: float = Field(default=0.0, ge=0, description="Only defects at least this large count.")
+    classes: list[str] | None = Field(default=None, description="Only these classes count; None = all.")
+    disposition: Disposition = Field(default="secondary", description="The coil's disposition when broken.")
+
+
+class EdgeRule(_Section):
+    """No defect larger than ``max_area_mm2`` within ``edge_mm`` of either strip edge."""
+
+    rule: Literal["edge"] = "edge"
+    edge_mm: float = Field(gt=0, le=10_000, description="Width of each edge zone.")
+    max_area_mm2: float = Field(ge=0, description="Largest defect area allowed in the edge zones.")
+    disposition: Disposition = Field(default="secondary", description="The coil's disposition when broken.")
+
+
+class SizeRule(_Section):
+    """No defect larger than ``max_area_mm2`` anywhere."""
+
+    rule: Literal["size"] = "size"
+    max_area_mm2: float = Field(ge=0, description="Largest defect area allowed.")
+    disposition: Disposition = Field(default="hold", description="The coil's disposition when broken.")
+
+
+class PeriodicRule(_Section):
+    """No confirmed periodic family (a roll mark repeats until the roll is changed)."""
+
+    rule: Literal["periodic"] = "periodic"
+    disposition: Disposition = Field(default="hold", description="The coil's disposition when broken.")
+
+
+class UninspectedRule(_Section):
+    """At most ``max_m`` metres of the coil (either side) left uninspected by a camera outage."""
+
+    rule: Literal["uninspected"] = "uninspected"
+    max_m: float = Field(ge=0, description="Uninspected metres allowed.")
+    disposition: Disposition = Field(default="hold", description="The coil's disposition when broken.")
+
+
+GradeRule = Annotated[DensityRule | EdgeRule | SizeRule | PeriodicRule | UninspectedRule, Field(discriminator="rule")]
+
+
+def _default_grades() -> dict[str, list[GradeRule]]:
+    # An example table for the demo and the tests; a mill writes its own per steel grade.
+    lenient: list[GradeRule] = [
+        DensityRule(max_per_100m=10.0, disposition="secondary"),
+        SizeRule(max_area_mm2=2000.0, disposition="hold"),
+        PeriodicRule(disposition="hold"),
+        UninspectedRule(max_m=20.0, disposition="hold"),
+    ]
+    exposed: list[GradeRule] = [
+        DensityRule(max_per_100m=2.0, disposition="secondary"),
+        DensityRule(max_per_100m=1.0, min_area_mm2=50.0, disposition="hold"),
+        EdgeRule(edge_mm=30.0, max_area_mm2=20.0, disposition="secondary"),
+        SizeRule(max_area_mm2=500.0, disposition="scrap"),
+        PeriodicRule(disposition="hold"),
+        UninspectedRule(max_m=1.0, disposition="hold"),
+    ]
+    return {"DC01": lenient, "DC04": exposed}
+
+
+def _default_rolls() -> list[RollConfig]:
+    # Example roll table (temper mill and line rolls); the synthetic coil's roll mark uses it.
+    return [
+        RollConfig(name="work roll top", circumference_mm=1759.3, side="top"),
+        RollConfig(name="work roll bottom", circumference_mm=1727.9, side="bottom"),
+        RollConfig(name="backup roll top", circumference_mm=4398.2, side="top"),
+        RollConfig(name="backup roll bottom", circumference_mm=4335.4, side="bottom"),
+        RollConfig(name="bridle roll", circumference_mm=3141.6, side="both"),
+        RollConfig(name="deflector roll", circumference_mm=2513.3, side="both"),
+    ]
+
+
+class CoilConfig(_Section):
+    """The coil service, the proxy that fans the camera streams into it, grading and reports."""
+
+    cameras: dict[str, CoilCameraConfig] = Field(
+        default_factory=dict, description="Camera daemons by camera_id (their daemon.camera_id)."
+    )
+    proxy_endpoint: str = Field(
+        default="tcp://127.0.0.1:5570",
+        description="XPUB endpoint of `stripinspect proxy`: every camera's messages, for the coil service and "
+        "other subscribers.",
+    )
+    control_endpoint: str = Field(
+        default="tcp://127.0.0.1:5571",
+        description="REP endpoint of the coil service: coil_start / coil_end from Level 2, status.",
+    )
+    db: CoilDbConfig = Field(default_factory=CoilDbConfig, description="Coil records.")
+    reports_dir: Path | None = Field(
+        default=Path("coil_records/reports"),
+        description="The coil service writes each coil's report here at coil end; None = no automatic report.",
+    )
+    merge_mm: float = Field(
+        default=10.0,
+        ge=0,
+        le=10_000,
+        description="Defects of one side whose boxes come this close are one defect (seen by two neighbouring "
+        "cameras in their overlap, or split by a frame border).",
+    )
+    camera_timeout_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=3600,
+        description="A camera without frames for this long is offline: at a coil end the service waits no "
+        "longer for it, and what it did not see is marked uninspected.",
+    )
+    periodic: PeriodicConfig = Field(default_factory=PeriodicConfig, description="Periodic defect search.")
+    rolls: list[RollConfig] = Field(default_factory=_default_rolls, description="Rolls a periodic family is matched to.")
+    roll_tolerance: float = Field(
+        default=0.02,
+        gt=0,
+        le=0.5,
+        description="Relative tolerance of a period against a roll's circumference (roll wear and grinding).",
+    )
+    grades: dict[str, list[GradeRule]] = Field(
+        default_factory=_default_grades,
+        description="Grading rules per steel grade; a coil of a grade not listed is refused at coil start.",
+    )
+
+    @model_validator(mode="after")
+    def _periods(self) -> CoilConfig:
+        if self.periodic.max_period_m <= self.periodic.min_period_m:
+            raise ValueError("periodic.max_period_m must be above periodic.min_period_m")
+        return self
+
+
 class Config(_Section):
     """Root of config.yaml."""
 
@@ -605,6 +822,7 @@ class Config(_Section):
     daemon: DaemonConfig = Field(default_factory=DaemonConfig, description="The inspection daemon.")
     svdd: SvddConfig = Field(default_factory=SvddConfig, description="Patch SVDD training.")
     msp: MspConfig = Field(default_factory=MspConfig, description="Multi-scale patch encoder training.")
+    coil: CoilConfig = Field(default_factory=CoilConfig, description="Coil service, proxy, grading, reports.")
 
 
 class ConfigError(StripinspectError):
