@@ -365,7 +365,9 @@ class SourceConfig(_Section):
         "renders its slice from strip_x0 (the same strip and planted defects for every camera of one side). "
         "None = the strip is this camera's width.",
     )
-    strip_x0: int = Field(default=0, ge=0, le=65_536, description="Synthetic: the strip column of this camera's column 0.")
+    strip_x0: int = Field(
+        default=0, ge=0, le=65_536, description="Synthetic: the strip column of this camera's column 0."
+    )
     folder: Path | None = Field(default=None, description="Images replayed in name order (kind: folder).")
     video: Path | None = Field(default=None, description="Video file read through OpenCV (kind: video).")
     genicam: GenicamConfig = Field(default_factory=lambda: GenicamConfig(), description="Camera settings (genicam).")
@@ -772,6 +774,14 @@ class CoilConfig(_Section):
         default="tcp://127.0.0.1:5571",
         description="REP endpoint of the coil service: coil_start / coil_end from Level 2, status.",
     )
+    pub_endpoint: str = Field(
+        default="tcp://127.0.0.1:5572",
+        description="PUB endpoint of the coil service: confirmed periodic families (roll marks), live "
+        "grading, coil records closed and reports written.",
+    )
+    replay_timeout_s: float = Field(
+        default=5.0, gt=0, le=600, description="How long the service waits for a camera's journal replay."
+    )
     db: CoilDbConfig = Field(default_factory=CoilDbConfig, description="Coil records.")
     reports_dir: Path | None = Field(
         default=Path("coil_records/reports"),
@@ -792,7 +802,9 @@ class CoilConfig(_Section):
         "longer for it, and what it did not see is marked uninspected.",
     )
     periodic: PeriodicConfig = Field(default_factory=PeriodicConfig, description="Periodic defect search.")
-    rolls: list[RollConfig] = Field(default_factory=_default_rolls, description="Rolls a periodic family is matched to.")
+    rolls: list[RollConfig] = Field(
+        default_factory=_default_rolls, description="Rolls a periodic family is matched to."
+    )
     roll_tolerance: float = Field(
         default=0.02,
         gt=0,

@@ -1,4 +1,4 @@
-"""The REP control socket: status, reload, recipe, replay, stop (JSON request, JSON reply)."""
+"""The REP control socket: status, reload, recipe, replay, coils, stop (JSON request, JSON reply)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any
 
 import zmq
 
+from pipeline.coil.tracking import CoilError, CoilTracker
 from pipeline.errors import StripinspectError
 from pipeline.service.health import Liveness
 from pipeline.service.ratelog import RateLimitedLog
@@ -18,7 +19,7 @@ from pipeline.service.slot import ModelSlot
 from pipeline.transport.journal import AlertJournal
 
 log = logging.getLogger("stripinspect.control")
-COMMANDS = "status, reload, recipe, replay, stop"
+COMMANDS = "status, reload, recipe, replay, coil_start, coil_end, coil, stop"
 POLL_S = 0.2  # the control loop comes round (beats, sees stop) at least this often
 
 
@@ -38,10 +39,11 @@ class Commands:
         slot: ModelSlot,
         journal: AlertJournal | None,
         replay_limit: int,
+        coils: CoilTracker,
         status: Callable[[], dict[str, Any]],
         stop: Callable[[], None],
     ) -> None:
-        self.slot, self.journal, self.replay_limit = slot, journal, replay_limit
+        self.slot, self.journal, self.replay_limit, self.coils = slot, journal, replay_limit, coils
         self.status, self.stop = status, stop
 
     def handle(self, cmd: Any, req: dict[str, Any]) -> dict[str, Any]:
@@ -51,6 +53,8 @@ class Commands:
             return self.slot.switch_recipe(req.get("name"))
         if cmd == "replay":
             return self.replay(req)
+        if cmd in ("coil_start", "coil_end", "coil"):
+            return self.coil(cmd, req)
         if cmd == "stop":
             self.stop()
             return {"ok": True, "state": "stopping"}
@@ -62,6 +66,19 @@ class Commands:
                 return {"ok": False, "error": f"bundle must be a path (a string), got {bundle!r}"}
             return self.slot.reload(Path(bundle) if bundle else None)
         return {"ok": False, "error": f"unknown command {cmd!r}; known: {COMMANDS}"}
+
+    def coil(self, cmd: str, req: dict[str, Any]) -> dict[str, Any]:
+        """Level 2's coil start and end (the plant bridge calls the same), and the coil state."""
+        try:
+            if cmd == "coil_start":
+                keys = ("coil_id", "grade", "head_line", "width_mm", "thickness_mm", "length_m")
+                args = {k: req.get(k) for k in keys}
+                return {"ok": True, **self.coils.start(**args)}
+            if cmd == "coil_end":
+                return {"ok": True, **self.coils.end(coil_id=req.get("coil_id"), tail_line=req.get("tail_line"))}
+        except CoilError as err:
+            return {"ok": False, "error": str(err)}
+        return {"ok": True, **self.coils.status()}
 
     def replay(self, req: dict[str, Any]) -> dict[str, Any]:
         """Alerts after ``after`` from the journal (zguide Clone pattern: the subscriber keeps its

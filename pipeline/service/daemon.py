@@ -13,7 +13,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from contextlib import ExitStack
 from typing import Any
 
@@ -21,16 +21,18 @@ import numpy as np
 import zmq
 
 from pipeline.acquisition.sources import Source
+from pipeline.coil.tracking import CoilTracker, read_schedule
 from pipeline.config import DaemonConfig, RuntimeConfig, ScoringConfig
 from pipeline.service.camera import CameraSupervisor
 from pipeline.service.control import POLL_S, BindError, Commands, ControlServer
 from pipeline.service.drift import DriftMonitor
 from pipeline.service.health import HealthLoop, Liveness, watchdog_period_s
+from pipeline.service.ratelog import RateLimitedLog
 from pipeline.service.slot import ModelSlot
 from pipeline.service.stages import Flow, build_stages
 from pipeline.service.stats import Stats
 from pipeline.service.systemd import notify
-from pipeline.transport.journal import AlertJournal
+from pipeline.transport.journal import AlertJournal, JournalError
 from pipeline.transport.publish import Publisher
 from pipeline.transport.security import CurveServer
 
@@ -50,6 +52,7 @@ class Daemon:
         runtime: RuntimeConfig,
         scoring: ScoringConfig,
         source: Source,
+        coil_grades: Collection[str] = (),
         context: zmq.Context | None = None,
     ) -> None:
         self.source = source
@@ -103,10 +106,12 @@ class Daemon:
             if self.journal is not None:
                 # Alert numbers continue across restarts: a subscriber never sees one number twice.
                 self.publisher.seq["alert"] = self.journal.last_seq
+            self.coils = self._coil_tracker(cfg, coil_grades)
             commands = Commands(
                 slot=self.slot,
                 journal=self.journal,
                 replay_limit=cfg.journal.replay_limit,
+                coils=self.coils,
                 status=lambda: self.snapshot(alerts=False),
                 stop=self.stop,
             )
@@ -117,6 +122,25 @@ class Daemon:
             self.control_endpoint = self._control.endpoint
             self._wire(cfg)
             opened.pop_all()  # from here on ``close`` closes them
+
+    def _coil_tracker(self, cfg: DaemonConfig, grades: Collection[str]) -> CoilTracker:
+        """Coils from the schedule file or the control socket, resumed from the journal after a
+        restart (a journal that cannot be written only loses that: inspection goes on)."""
+        journal = self.journal
+        schedule = read_schedule(cfg.coil_schedule, mm_per_line=cfg.mm_per_line) if cfg.coil_schedule else ()
+        ratelog = RateLimitedLog(log, interval_s=10.0)
+
+        def save(state: str) -> None:
+            if journal is None:
+                return
+            try:
+                journal.save_state("coils", state)
+            except JournalError as err:
+                self.stats.drop("journal", "write_error")
+                ratelog.error("coils", "coil state not saved: %s", err)
+
+        saved = journal.load_state("coils") if journal is not None else None
+        return CoilTracker(mm_per_line=cfg.mm_per_line, grades=grades, schedule=schedule, save=save, saved=saved)
 
     def _wire(self, cfg: DaemonConfig) -> None:
         flow, stats, source = self._flow, self.stats, self.source
@@ -135,6 +159,7 @@ class Daemon:
             slot=self.slot,
             publisher=self.publisher,
             journal=self.journal,
+            coils=self.coils,
             drift=self.drift_monitor,
             heartbeat=self._heartbeat,
             drained=self._drained,
@@ -196,9 +221,12 @@ class Daemon:
             state = "camera_offline"
         elif state == "running" and drift["drifting"]:
             state = "drift"
+        cid, md = self.coils.locate(self.coils.camera_line)
         out = {
             "state": state,
             "recipe": self.cfg.recipe,
+            "coil": {"coil_id": cid, "md_m": md, "camera_line": self.coils.camera_line},
+            "side": self.cfg.side,
             "threshold": self.slot.threshold_json(),
             "drift": drift,
             "camera": self.camera_status(),

@@ -183,7 +183,9 @@ def run(cfg: Config, *, quiet: bool, log_json: bool, err: TextIO | None = None, 
     tty = err.isatty()
     with logging_to(err, quiet=quiet, log_json=log_json, tty=tty):
         d = cfg.daemon
-        daemon = Daemon(cfg=d, runtime=cfg.runtime, scoring=cfg.scoring, source=open_source(cfg))
+        daemon = Daemon(
+            cfg=d, runtime=cfg.runtime, scoring=cfg.scoring, source=open_source(cfg), coil_grades=list(cfg.coil.grades)
+        )
         server = None
         if d.metrics_port is not None:
             from pipeline.service.metrics import serve_metrics

@@ -12,6 +12,7 @@ marker its upstream queues after its last item.
 
 from __future__ import annotations
 
+import base64
 import logging
 import queue
 import threading
@@ -26,8 +27,9 @@ import numpy as np
 from pipeline.acquisition.edges import EdgeTracker, detect_edges, mask_outside
 from pipeline.acquisition.linescan import BadBlockError, LineAssembler
 from pipeline.acquisition.sources import Source
+from pipeline.coil.tracking import CoilEvent, CoilTracker
 from pipeline.config import DaemonConfig
-from pipeline.postprocess.defects import extract_defects
+from pipeline.postprocess.defects import defect_thumbnail, extract_defects
 from pipeline.service.camera import CameraSupervisor
 from pipeline.service.drift import DriftMonitor
 from pipeline.service.health import Liveness
@@ -68,6 +70,7 @@ class Scored:
     threshold: float | list[float] = 0.0  # the frame's threshold (one per CD band with bands)
     score_map: np.ndarray | None = None  # (valid rows, width) float32, only when maps are published
     edges: tuple[float, float] | None = None  # detected strip edges (columns), when tracked
+    thumbnails: tuple[str, ...] | None = None  # one base64 PNG per defect, when daemon.thumbnail_px > 0
 
 
 @dataclass(frozen=True)
@@ -109,13 +112,14 @@ class AcquireStage:
         *,
         camera: CameraSupervisor,
         assembler: LineAssembler,
+        coils: CoilTracker,
         out: queue.Queue[Any],
         go: threading.Event,
         done: threading.Event,
         stats: Stats,
         flow: Flow,
     ) -> None:
-        self.camera, self.assembler, self.out = camera, assembler, out
+        self.camera, self.assembler, self.coils, self.out = camera, assembler, coils, out
         self.go, self.done, self.stats, self.flow = go, done, stats, flow
         self._ratelog = RateLimitedLog(log, interval_s=10.0)
 
@@ -142,6 +146,8 @@ class AcquireStage:
                 continue
             # From the block's arrival: the wait for the camera is line time, not work.
             t0 = time.perf_counter()
+            # Where the strip is at the camera: a coil command without a line takes this one.
+            self.coils.camera_line = block.first_line + block.pixels.shape[0]
             if resumed:
                 self.assembler.reset()  # lines across the outage are gone; start a new sequence
             frames = self._assemble(block)
@@ -296,7 +302,14 @@ class ScoreStage:
             mm_per_px=cfg.mm_per_px,
             mm_per_line=cfg.mm_per_line,
             strip_left_px=left,
+            cd_offset_mm=cfg.cd_offset_mm,
         )
+        thumbs = None
+        if cfg.thumbnail_px and defects:
+            thumbs = tuple(
+                base64.b64encode(defect_thumbnail(item.pixels, d.box, side_px=cfg.thumbnail_px)).decode("ascii")
+                for d in defects
+            )
         t3 = time.perf_counter()
         valid = amap[frame.valid_from : frame.valid_to]
         self.drift.track(valid)
@@ -309,6 +322,7 @@ class ScoreStage:
             threshold=self.slot.threshold_json(model),
             score_map=valid if cfg.publish_maps else None,
             edges=edges,
+            thumbnails=thumbs,
             seconds={**item.seconds, "knn": t1 - t0, "map": t2 - t1, "defects": t3 - t2},
         )
 
@@ -322,6 +336,9 @@ class PublishStage:
         *,
         publisher: Publisher,
         journal: AlertJournal | None,
+        coils: CoilTracker,
+        side: str,
+        mm_per_line: float,
         inp: queue.Queue[Any],
         upstream_done: threading.Event,
         heartbeat: Callable[[], dict[str, Any]],
@@ -331,6 +348,7 @@ class PublishStage:
         flow: Flow,
     ) -> None:
         self.publisher, self.journal, self.inp, self.upstream_done = publisher, journal, inp, upstream_done
+        self.coils, self.side, self.mm_per_line = coils, side, mm_per_line
         self.heartbeat, self.heartbeat_s, self.drained = heartbeat, heartbeat_s, drained
         self.stats, self.flow = stats, flow
         self._recent: deque[dict[str, Any]] = deque(maxlen=256)
@@ -363,7 +381,12 @@ class PublishStage:
     def _publish(self, item: Scored) -> None:
         t0 = time.perf_counter()
         f = item.frame
-        self._publish_alerts(f, item.defects, capture_md_m=item.end_md_m)
+        # Coil starts and ends this frame's lines have reached, before its alerts: a coil's
+        # start precedes its first alert in every camera's stream.
+        for event in self.coils.events_through(f.first_line + f.valid_to - 1):
+            self._publish_coil(event)
+        self._publish_alerts(f, item.defects, capture_md_m=item.end_md_m, thumbnails=item.thumbnails)
+        coil_id, coil_md = self.coils.locate(f.first_line + f.valid_from)
         parts: tuple[bytes, ...] = ()
         map_header: dict[str, Any] = {}
         if item.score_map is not None:
@@ -376,7 +399,13 @@ class PublishStage:
                 "frame_id": f.frame_id,
                 "capture_time": f.capture_time,
                 "first_line": f.first_line,
-                "md_m": f.md_m,
+                "coil_id": coil_id,
+                "side": self.side,
+                # MD of row 0 from the head of the coil of the first valid row (negative when the
+                # frame's context reaches back into the previous coil).
+                "md_m": coil_md - f.valid_from * self.mm_per_line / 1000.0,
+                "strip_md_m": f.md_m,
+                "mm_per_line": self.mm_per_line,
                 "lines": int(f.pixels.shape[0]),
                 "valid_rows": [f.valid_from, f.valid_to],
                 "max_score": item.max_score,
@@ -392,8 +421,20 @@ class PublishStage:
         secs["end_to_end"] = time.time() - f.capture_time
         self.stats.time(secs)
 
-    def _publish_alerts(self, frame: Frame, defects: list[Defect], *, capture_md_m: float) -> None:
-        headers = [self.publisher.stamp("alert", alert_body(frame, d, capture_md_m=capture_md_m)) for d in defects]
+    def _publish_coil(self, event: CoilEvent) -> None:
+        self.publisher.send("coil", {**event.body(mm_per_line=self.mm_per_line), "frame_id": None, "side": self.side})
+
+    def _publish_alerts(
+        self, frame: Frame, defects: list[Defect], *, capture_md_m: float, thumbnails: tuple[str, ...] | None
+    ) -> None:
+        headers = []
+        for i, d in enumerate(defects):
+            coil_id, md = self.coils.locate(d.line)
+            body = alert_body(frame, d, capture_md_m=capture_md_m)
+            # The daemon's MD is from strip line 0; alerts carry the coil's (strip_md_m keeps the other).
+            body.update(coil_id=coil_id, md_m=md, strip_md_m=d.md_m, side=self.side)
+            body["thumbnail_png"] = None if thumbnails is None else thumbnails[i]
+            headers.append(self.publisher.stamp("alert", body))
         if not headers:
             return
         journaled = False
@@ -436,6 +477,7 @@ def build_stages(
     slot: ModelSlot,
     publisher: Publisher,
     journal: AlertJournal | None,
+    coils: CoilTracker,
     drift: DriftMonitor,
     heartbeat: Callable[[], dict[str, Any]],
     drained: Callable[[], None],
@@ -461,6 +503,9 @@ def build_stages(
     publish = PublishStage(
         publisher=publisher,
         journal=journal,
+        coils=coils,
+        side=cfg.side,
+        mm_per_line=cfg.mm_per_line,
         inp=results,
         upstream_done=scoring_done,
         heartbeat=heartbeat,
@@ -491,6 +536,8 @@ def build_stages(
         stats=stats,
         flow=flow,
     )
-    acquire = AcquireStage(camera=camera, assembler=assembler, out=frames, go=go, done=acquired, stats=stats, flow=flow)
+    acquire = AcquireStage(
+        camera=camera, assembler=assembler, coils=coils, out=frames, go=go, done=acquired, stats=stats, flow=flow
+    )
     runs = (("publish", publish.run), ("score", score.run), ("embed", embed.run), ("acquire", acquire.run))
     return Stages(runs=runs, publish=publish, go=go)

@@ -111,6 +111,20 @@ class AlertJournal:
             "DELETE FROM alerts WHERE seq <= ? OR time < ?", (self.last_seq - self.max_rows, now - self.max_age_s)
         )
 
+    def load_state(self, key: str) -> str | None:
+        """A small piece of daemon state kept with the journal (the coil tracker's), or None."""
+        with self._lock:
+            row = self._db.execute("SELECT value FROM meta WHERE key = ?", (f"state:{key}",)).fetchone()
+        return None if row is None else str(row[0])
+
+    def save_state(self, key: str, value: str) -> None:
+        """Commit ``value`` under ``key`` (replacing it); JournalError when the disk refuses."""
+        with self._lock:
+            try:
+                self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (f"state:{key}", value))
+            except sqlite3.Error as err:
+                raise JournalError(f"cannot write alert journal {self.path}: {err}") from None
+
     def close(self) -> None:
         with self._lock:
             self._db.close()

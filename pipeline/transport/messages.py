@@ -39,8 +39,10 @@ class Frame:
 class Defect:
     """One connected region above threshold in a frame's valid rows.
 
-    Box in frame pixels (x, y, w, h); sizes in mm; MD of the region centre in metres from the
-    coil head, CD in mm from the left strip edge.
+    Box in frame pixels (x, y, w, h); sizes in mm; ``line``: the strip line of the region's
+    centroid; MD of the centroid in metres from strip line 0 (the publish stage makes it the
+    coil's), CD in mm in strip coordinates (from the camera's reference edge plus its
+    ``cd_offset_mm``).
     """
 
     frame_id: int
@@ -49,6 +51,7 @@ class Defect:
     max_score: float
     mean_score: float
     threshold: float
+    line: float
     md_m: float
     cd_mm: float
     length_mm: float

@@ -18,7 +18,7 @@ import zmq
 from pipeline.transport.messages import Defect, Frame
 
 SCHEMA_VERSION = 1
-TOPICS = ("alert", "frame", "heartbeat")
+TOPICS = ("alert", "frame", "heartbeat", "coil")
 
 
 def decode(parts: list[bytes]) -> tuple[str, dict[str, Any], list[bytes]]:
@@ -48,6 +48,7 @@ class Publisher:
         camera_id: str,
         send_hwm: int,
         secure: Callable[[zmq.Socket], None] | None = None,
+        topics: tuple[str, ...] = TOPICS,
     ) -> None:
         self.camera_id = camera_id
         self._sock = context.socket(zmq.PUB)
@@ -61,7 +62,7 @@ class Publisher:
             self._sock.close(0)
             raise OSError(err.errno, f"cannot bind PUB {endpoint}: {err}") from None
         self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.seq = dict.fromkeys(TOPICS, 0)
+        self.seq = dict.fromkeys(topics, 0)
 
     def stamp(self, topic: str, body: dict[str, Any]) -> dict[str, Any]:
         """``body`` with the common header fields, except ``seq``."""

@@ -1,4 +1,5 @@
-"""pipeline/ is the runtime: it must never import torch, matplotlib, export/ or calibration/."""
+"""pipeline/ is the runtime: it must never import torch, export/ or calibration/, nor matplotlib
+except in the coil report (drawn by the coil service, a process of its own, never the daemon)."""
 
 import ast
 import subprocess
@@ -7,6 +8,7 @@ import sys
 from tests.conftest import REPO
 
 FORBIDDEN = ("torch", "export", "calibration", "torchvision", "efficientnet_lite_pytorch", "matplotlib")
+DRAWS = "report.py"  # pipeline/coil/report.py, the one runtime module allowed matplotlib
 
 
 def test_pipeline_sources_do_not_import_offline_packages() -> None:
@@ -19,7 +21,9 @@ def test_pipeline_sources_do_not_import_offline_packages() -> None:
                 names = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom) and node.module:
                 names = [node.module]
-            offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] in FORBIDDEN]
+            draws = path.relative_to(REPO / "pipeline").as_posix() == f"coil/{DRAWS}"
+            bad = [n for n in names if n.split(".")[0] in FORBIDDEN and not (draws and n.split(".")[0] == "matplotlib")]
+            offenders += [f"{path.name}: {n}" for n in bad]
     assert offenders == []
 
 
@@ -27,7 +31,7 @@ def test_importing_every_pipeline_module_loads_no_torch() -> None:
     modules = [
         ".".join(p.relative_to(REPO).with_suffix("").parts)
         for p in sorted((REPO / "pipeline").rglob("*.py"))
-        if p.stem != "__init__"
+        if p.stem != "__init__" and p.relative_to(REPO / "pipeline").as_posix() != f"coil/{DRAWS}"
     ]
     code = (
         "import importlib, sys\n"
