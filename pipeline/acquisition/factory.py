@@ -25,4 +25,10 @@ def open_source(cfg: Config) -> Source:
         if d.source.folder is None:
             raise ConfigError("daemon.source.folder is required for kind: folder")
         return FolderSource(folder=d.source.folder, channels=1)
-    return SyntheticSource(cfg=d.source, width=cfg.synthetic.width, seed=cfg.synthetic.seed, frame_lines=d.frame_lines)
+    syn = cfg.synthetic
+    try:
+        return SyntheticSource(cfg=d.source, width=syn.width, seed=syn.seed, frame_lines=d.frame_lines)
+    except ValueError as e:
+        # The camera's width is synthetic.width; a slice that does not fit on the strip is a
+        # config mistake, reported as one at start.
+        raise ConfigError(f"daemon.source: {e}") from None

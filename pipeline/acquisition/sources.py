@@ -11,14 +11,7 @@ import cv2
 import numpy as np
 
 from pipeline.acquisition.images import ImageReadError, list_images, read_image
-from pipeline.acquisition.synthetic import (
-    DEFECT_KINDS,
-    DefectKind,
-    PlantedDefect,
-    SyntheticStrip,
-    occurrences,
-    random_defects,
-)
+from pipeline.acquisition.synthetic import DefectPlan, PlantedDefect, SyntheticStrip
 from pipeline.config import SourceConfig
 from pipeline.transport.messages import LineBlock
 
@@ -40,79 +33,38 @@ class SyntheticSource:
     ``line_rate_hz`` is set, with defects planted along the strip. ``planted`` is the ground
     truth: every defect ahead of the camera and the last ``KEEP_PASSED`` behind it. What is
     planted where depends only on the seed and the strip position, never on timing, so a run
-    can be replayed."""
+    can be replayed.
+
+    With ``cfg.strip_width`` set, the camera is one of several side by side over a strip that
+    wide: it sees the strip's columns ``[strip_x0, strip_x0 + width)``, and the strip, its edges
+    and its defects (``planted`` in strip columns) are the same for every camera with that seed,
+    strip width and ``frame_lines``."""
 
     def __init__(self, *, cfg: SourceConfig, width: int, seed: int, frame_lines: int) -> None:
-        if frame_lines < 64:
-            raise ValueError(f"frame_lines must be >= 64, got {frame_lines}")
         self.width = width
         self.channels = 1
         self.cfg = cfg
-        self.strip = SyntheticStrip(width=width, seed=seed)
+        strip_width = strip_width_of(cfg, width=width)
+        self.strip = SyntheticStrip(width=strip_width, seed=seed)
+        self._cols = (cfg.strip_x0, cfg.strip_x0 + width)
         self._line = cfg.first_line
         self._end = None if cfg.strip_lines is None else cfg.first_line + cfg.strip_lines
-        self._rng = np.random.default_rng(seed + 99)
-        self._kind_rng = np.random.default_rng([seed, 0x6B1D])
-        self._kinds: list[DefectKind] = []
+        self._plan = defect_plan(cfg, seed=seed, strip_width=strip_width, frame_lines=frame_lines)
         self._frame_lines = frame_lines
         self.planted: list[PlantedDefect] = []
         self._live = 0  # planted[:_live] lie behind the camera: not scanned again when rendering
         self._periodic: list[PlantedDefect] = []
-        self._planned_to = cfg.first_line
-        if cfg.plant_defects and cfg.roll_period_lines is not None:
-            self._periodic.append(self._roll_mark(cfg.roll_period_lines))
-            self.planted.append(self._periodic[-1])
+        if self._plan.roll_mark is not None:
+            self._periodic.append(self._plan.roll_mark)
+            self.planted.append(self._plan.roll_mark)
         # The clock starts at the first read (when the daemon starts acquiring), not here.
         self._t0: float | None = None
         self._delivered = 0
         self._pending: LineBlock | None = None
 
-    def _roll_mark(self, period: int) -> PlantedDefect:
-        rng = np.random.default_rng([self.strip.seed, 0x2011])
-        margin = max(24, self.width // 12)
-        return PlantedDefect(
-            kind="roll_mark",
-            line=self.cfg.first_line + int(rng.integers(64, 64 + min(period, self._frame_lines))),
-            col=int(rng.integers(margin, self.width - margin)),
-            size=14,
-            seed=int(rng.integers(1 << 30)),
-            period=period,
-        )
-
-    def _next_kinds(self, count: int) -> list[DefectKind]:
-        # Every kind in turn, each round in a fresh seeded order: over any 6 defects all kinds
-        # appear, and a frame's kind is not predictable from its position.
-        while len(self._kinds) < count:
-            self._kinds += [DEFECT_KINDS[i] for i in self._kind_rng.permutation(len(DEFECT_KINDS))]
-        out, self._kinds = self._kinds[:count], self._kinds[count:]
-        return out
-
-    def _plan(self, upto: int) -> None:
-        # Defects are planned one frame's worth of lines ahead, so the rate is per length of strip.
-        while self._planned_to < upto:
-            start = self._planned_to
-            expected = self.cfg.defects_per_100_frames / 100.0 if self.cfg.plant_defects else 0.0
-            count = int(self._rng.poisson(expected)) if expected > 0 else 0
-            if count:
-                # The roll mark's prints in this window count as defects to keep clear of.
-                prints = [
-                    replace(d, line=line, period=0)
-                    for d in self._periodic
-                    for line in occurrences(d, start, self._frame_lines)
-                ]
-                self.planted += random_defects(
-                    self._rng,
-                    first_line=start,
-                    lines=self._frame_lines,
-                    width=self.width,
-                    count=count,
-                    kinds=self._next_kinds(count),
-                    avoid=[*self.planted[-20:], *prints],
-                )
-            self._planned_to += self._frame_lines
-
     def _render(self, n: int) -> LineBlock:
-        self._plan(self._line + n + self._frame_lines)
+        # Planned a frame beyond the block: a defect centred past its end can reach back into it.
+        self.planted += self._plan.plan(self._line + n + self._frame_lines)
         while self._live < len(self.planted) and self.planted[self._live].line < self._line - _PASSED:
             self._live += 1
         if self._live > KEEP_PASSED:
@@ -125,7 +77,7 @@ class SyntheticSource:
         near = [
             d for d in self.planted[self._live :] if not d.period and abs(d.line - self._line) < n + 4 * d.size + 16
         ]
-        pixels, _ = self.strip.render(self._line, n, [*self._periodic, *near])
+        pixels, _ = self.strip.render(self._line, n, [*self._periodic, *near], cols=self._cols)
         return LineBlock(pixels=pixels, first_line=self._line, capture_time=time.time())
 
     def read(self, timeout: float) -> LineBlock | None:
@@ -157,6 +109,36 @@ class SyntheticSource:
 
     def close(self) -> None:
         pass
+
+
+def strip_width_of(cfg: SourceConfig, *, width: int) -> int:
+    """The synthetic strip's width for a camera ``width`` px wide: ``cfg.strip_width``, or the
+    camera's own width when that is None. ValueError of one line when the camera's slice from
+    ``strip_x0`` does not fit on the strip."""
+    if cfg.strip_width is None:
+        if cfg.strip_x0:
+            raise ValueError(f"source.strip_x0 is {cfg.strip_x0} but source.strip_width is not set")
+        return width
+    if width > cfg.strip_width - cfg.strip_x0:
+        raise ValueError(
+            f"a camera {width} px wide from source.strip_x0 {cfg.strip_x0} runs past source.strip_width "
+            f"{cfg.strip_width}: at most {max(0, cfg.strip_width - cfg.strip_x0)} px fit"
+        )
+    return cfg.strip_width
+
+
+def defect_plan(cfg: SourceConfig, *, seed: int, strip_width: int, frame_lines: int) -> DefectPlan:
+    """The defects the synthetic source of ``cfg`` plants on a strip ``strip_width`` px wide: the
+    one place that reads the planting settings, for the source and for ground truth without it."""
+    planting = cfg.plant_defects
+    return DefectPlan(
+        seed=seed,
+        width=strip_width,
+        first_line=cfg.first_line,
+        frame_lines=frame_lines,
+        per_frame=cfg.defects_per_100_frames / 100.0 if planting else 0.0,
+        roll_period=cfg.roll_period_lines if planting else None,
+    )
 
 
 # Planted defects behind the camera kept in ``SyntheticSource.planted``.

@@ -4,14 +4,15 @@ Rolled texture with streaks along the rolling direction (MD runs down the image,
 per camera line), fine grain, slow illumination drift, vignetting across the strip (CD), strip
 edges that wander with dark background beyond them, and plantable defects with ground-truth
 masks. Everything is a function of the strip position and the seed, so a frame rendered in one
-piece equals the same lines rendered as consecutive pieces.
+piece equals the same lines rendered as consecutive pieces, and a slice of columns (one of
+several cameras across a wide strip) equals those columns of the whole strip's render.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import cv2
@@ -22,6 +23,7 @@ DEFECT_KINDS: tuple[DefectKind, ...] = ("scratch", "pit", "scale", "hole", "edge
 
 _BLOCK = 64  # lines per noise block; noise is seeded per block so any window renders the same
 _PAD = 8  # lines of context either side of a window, more than the grain blur reaches
+_CACHED_BLOCKS = 16  # noise blocks kept: the strip's and the background's of the last render or two
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,7 @@ class SyntheticStrip:
         self.width = width
         self.seed = seed
         self.base_level = base_level
-        self.edge_margin = max(4, width // 24) if edge_margin is None else edge_margin
+        self.edge_margin = default_edge_margin(width) if edge_margin is None else edge_margin
         if not 0 <= self.edge_margin < width // 3:
             raise ValueError(f"edge_margin {self.edge_margin} must be in [0, width/3)")
         rng = np.random.default_rng([seed, 0xC0FFEE])
@@ -64,6 +66,9 @@ class SyntheticStrip:
         # Vignetting of the line lamp: -12 % at the field edges.
         self._vignette = 1.0 - 0.12 * ((x - width / 2) / (width / 2)) ** 2
         self._edge_phase = rng.uniform(0, 2 * math.pi, size=2)
+        # Noise blocks of the last renders: consecutive blocks of lines share blocks with their
+        # neighbours, and drawing the normals is most of a render's time.
+        self._blocks: dict[int, np.ndarray] = {}
 
     def edges(self, lines: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Left and right strip edge (float columns) at each line: the strip wanders slowly."""
@@ -72,49 +77,81 @@ class SyntheticStrip:
         right = self.width - 1 - self.edge_margin + wander
         return left, right
 
-    def _grain(self, first: int, count: int) -> np.ndarray:
+    def _block(self, b: int) -> np.ndarray:
+        block = self._blocks.get(b)
+        if block is None:
+            block = (
+                np.random.default_rng([self.seed, 1, b + (1 << 32)])
+                .standard_normal((_BLOCK, self.width))
+                .astype(np.float32)
+            )
+            if len(self._blocks) >= _CACHED_BLOCKS:
+                del self._blocks[next(iter(self._blocks))]  # the oldest: renders move forward
+            self._blocks[b] = block
+        return block
+
+    def _grain(self, first: int, count: int, cols: slice) -> np.ndarray:
+        # The noise is drawn and blurred at the whole strip's width, then cropped: the normals
+        # come in one row-major stream per block, and OpenCV's blur of a crop differs from the
+        # crop of its blur in the last bits near a row's end (its SIMD tail).
         b0 = (first - _PAD) // _BLOCK
         b1 = (first + count + _PAD - 1) // _BLOCK
-        blocks = [
-            np.random.default_rng([self.seed, 1, b + (1 << 32)])
-            .standard_normal((_BLOCK, self.width))
-            .astype(np.float32)
-            for b in range(b0, b1 + 1)
-        ]
-        noise: np.ndarray = np.concatenate(blocks)
+        noise: np.ndarray = np.concatenate([self._block(b) for b in range(b0, b1 + 1)])
         # Elongated along MD, like rolled grain.
         noise = cv2.GaussianBlur(noise, (3, 7), sigmaX=0.7, sigmaY=1.6, borderType=cv2.BORDER_REFLECT)
         start = first - b0 * _BLOCK
-        return noise[start : start + count] * 9.0
+        return noise[start : start + count, cols] * 9.0
 
-    def render_normal(self, first_line: int, lines: int) -> np.ndarray:
-        """float32 (lines, width) image of the defect-free strip, before quantisation."""
+    def _columns(self, cols: tuple[int, int] | None) -> slice:
+        if cols is None:
+            return slice(0, self.width)
+        x0, x1 = cols
+        if not 0 <= x0 < x1 <= self.width:
+            raise ValueError(f"columns [{x0}, {x1}) are not inside the strip's {self.width}")
+        return slice(x0, x1)
+
+    def render_normal(self, first_line: int, lines: int, *, cols: tuple[int, int] | None = None) -> np.ndarray:
+        """float32 (lines, x1 - x0) image of the defect-free strip's columns ``cols`` = (x0, x1)
+        (None: all), before quantisation; exactly those columns of the whole strip's render."""
         if lines < 1:
             raise ValueError(f"lines must be >= 1, got {lines}")
+        xs = self._columns(cols)
         y = np.arange(first_line, first_line + lines, dtype=np.float64)
         drift = 1.0 + 0.06 * np.sin(2 * math.pi * y / 7000.0)
         mod = 0.8 + 0.2 * np.sin(self._streak_mod * y)
-        img = self.base_level + mod[:, None] * self._streaks[None, :] * 0.3
-        img = img + self._grain(first_line, lines)
-        img = img * drift[:, None] * self._vignette[None, :]
+        # Only elementwise arithmetic below: on a crop it gives the crop's values bit for bit.
+        img = self.base_level + mod[:, None] * self._streaks[None, xs] * 0.3
+        img = img + self._grain(first_line, lines, xs)
+        img = img * drift[:, None] * self._vignette[None, xs]
         left, right = self.edges(y)
-        cols = np.arange(self.width)[None, :]
-        inside = (cols >= left[:, None]) & (cols <= right[:, None])
-        background = 18.0 + 0.3 * self._grain(first_line + 100_000, lines)
+        columns = np.arange(xs.start, xs.stop)[None, :]
+        inside = (columns >= left[:, None]) & (columns <= right[:, None])
+        if inside.all():
+            # A camera in the middle of a wide strip sees no background: its noise is not drawn.
+            return img.astype(np.float32)
+        background = 18.0 + 0.3 * self._grain(first_line + 100_000, lines, xs)
         return np.where(inside, img, background).astype(np.float32)
 
     def render(
-        self, first_line: int, lines: int, defects: Sequence[PlantedDefect] = ()
+        self,
+        first_line: int,
+        lines: int,
+        defects: Sequence[PlantedDefect] = (),
+        *,
+        cols: tuple[int, int] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """(image uint8 (lines, width), mask bool (lines, width)) with ``defects`` drawn."""
-        img = self.render_normal(first_line, lines)
-        mask = np.zeros((lines, self.width), dtype=np.uint8)
+        """(image uint8 (lines, x1 - x0), mask bool (lines, x1 - x0)) of the columns ``cols`` =
+        (x0, x1) of the strip (None: all) with ``defects`` (strip columns) drawn; exactly those
+        columns of the whole strip's render, so cameras side by side see one strip."""
+        xs = self._columns(cols)
+        img = self.render_normal(first_line, lines, cols=cols)
+        mask = np.zeros(img.shape, dtype=np.uint8)
         for d in defects:
             for line in occurrences(d, first_line, lines):
                 # Drawn on a canvas centred on the defect, then the rows inside the window are
                 # pasted: rasterising a shape clipped by the window would depend on the window.
                 reach = _reach(d)
-                canvas = _draw(self, d, reach)
+                canvas = _draw(self, d, reach)[:, xs]
                 top = line - reach - first_line
                 r0, r1 = max(0, -top), min(canvas.shape[0], lines - top)
                 if r0 >= r1:
@@ -128,6 +165,46 @@ class SyntheticStrip:
                     img[rows][region] += delta
                 mask[rows] |= canvas[r0:r1]
         return np.clip(np.rint(img), 0, 255).astype(np.uint8), mask > 0
+
+    def footprint(self, d: PlantedDefect) -> Footprint:
+        """One print of ``d``, centred on ``d.line``, as ``render`` draws it: its mask's box,
+        pixels and centroid in strip pixels."""
+        reach = _reach(d)
+        canvas = _draw(self, d, reach)
+        rows, cols = np.nonzero(canvas)
+        if rows.size == 0:
+            raise ValueError(f"{d} draws nothing on a strip {self.width} px wide")
+        top = d.line - reach
+        return Footprint(
+            first_line=top + int(rows.min()),
+            first_col=int(cols.min()),
+            lines=int(rows.max() - rows.min()) + 1,
+            cols=int(cols.max() - cols.min()) + 1,
+            pixels=int(rows.size),
+            centre_line=top + float(rows.mean()),
+            centre_col=float(cols.mean()),
+        )
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """Where one print of a planted defect lies on the strip (pixels): its mask's box from
+    (``first_line``, ``first_col``), ``lines`` x ``cols``, ``pixels`` in it, centroid
+    (``centre_line``, ``centre_col``)."""
+
+    first_line: int
+    first_col: int
+    lines: int
+    cols: int
+    pixels: int
+    centre_line: float
+    centre_col: float
+
+
+def default_edge_margin(width: int) -> int:
+    """Nominal columns of background beyond each strip edge of a strip ``width`` px wide (the
+    edges wander by 40 % of it either way, see ``SyntheticStrip.edges``)."""
+    return max(4, width // 24)
 
 
 _DELTA = {"scratch": -55.0, "pit": -75.0, "scale": -35.0, "hole": math.nan, "edge_crack": math.nan, "roll_mark": -28.0}
@@ -222,6 +299,93 @@ def random_defects(
                 out.append(PlantedDefect(kind=kind, line=line, col=col, size=size, seed=int(rng.integers(1 << 30))))
                 break
     return out
+
+
+class DefectPlan:
+    """What is planted along one strip, frame by frame: isolated defects at ``per_frame`` a
+    frame's worth of lines (Poisson, every kind in turn in a seeded order) and, when
+    ``roll_period`` is set, one roll mark printed once per revolution. It depends only on its
+    arguments, never on who asks or how far ahead, so every camera of one strip plans the same
+    defects and a planner run without any camera gives the same ground truth."""
+
+    def __init__(
+        self,
+        *,
+        seed: int,
+        width: int,
+        first_line: int,
+        frame_lines: int,
+        per_frame: float,
+        roll_period: int | None,
+    ) -> None:
+        if frame_lines < 64:
+            raise ValueError(f"frame_lines must be >= 64, got {frame_lines}")
+        if per_frame < 0:
+            raise ValueError(f"per_frame must be >= 0, got {per_frame}")
+        if roll_period is not None and roll_period < 1:
+            raise ValueError(f"roll_period must be >= 1 line, got {roll_period}")
+        self.width = width
+        self.frame_lines = frame_lines
+        self.per_frame = per_frame
+        self._rng = np.random.default_rng(seed + 99)
+        self._kind_rng = np.random.default_rng([seed, 0x6B1D])
+        self._kinds: list[DefectKind] = []
+        self.roll_mark: PlantedDefect | None = None
+        if roll_period is not None:
+            rng = np.random.default_rng([seed, 0x2011])
+            margin = max(24, width // 12)
+            self.roll_mark = PlantedDefect(
+                kind="roll_mark",
+                line=first_line + int(rng.integers(64, 64 + min(roll_period, frame_lines))),
+                col=int(rng.integers(margin, width - margin)),
+                size=14,
+                seed=int(rng.integers(1 << 30)),
+                period=roll_period,
+            )
+        self._marks = [] if self.roll_mark is None else [self.roll_mark]
+        # The last defects planned (the roll mark first): a new one keeps clear of them.
+        self._recent: list[PlantedDefect] = list(self._marks)
+        self.planned_to = first_line
+
+    def _next_kinds(self, count: int) -> list[DefectKind]:
+        # Every kind in turn, each round in a fresh seeded order: over any 6 defects all kinds
+        # appear, and a frame's kind is not predictable from its position.
+        while len(self._kinds) < count:
+            self._kinds += [DEFECT_KINDS[i] for i in self._kind_rng.permutation(len(DEFECT_KINDS))]
+        out, self._kinds = self._kinds[:count], self._kinds[count:]
+        return out
+
+    def plan(self, upto: int) -> list[PlantedDefect]:
+        """The isolated defects of the frames' worth of lines from ``planned_to`` until it
+        reaches ``upto`` (none when it already has)."""
+        out: list[PlantedDefect] = []
+        # Planned a frame's worth of lines at a time, so the rate is per length of strip.
+        while self.planned_to < upto:
+            start = self.planned_to
+            count = int(self._rng.poisson(self.per_frame)) if self.per_frame > 0 else 0
+            if count:
+                # The roll mark's prints in this window count as defects to keep clear of.
+                prints = [
+                    replace(d, line=line, period=0)
+                    for d in self._marks
+                    for line in occurrences(d, start, self.frame_lines)
+                ]
+                new = random_defects(
+                    self._rng,
+                    first_line=start,
+                    lines=self.frame_lines,
+                    width=self.width,
+                    count=count,
+                    kinds=self._next_kinds(count),
+                    avoid=[*self._recent, *prints],
+                )
+                out += new
+                self._recent = [*self._recent, *new][-_AVOID_RECENT:]
+            self.planned_to += self.frame_lines
+        return out
+
+
+_AVOID_RECENT = 20  # planned defects a new one keeps clear of (more than a frame ever holds)
 
 
 @dataclass(frozen=True)
