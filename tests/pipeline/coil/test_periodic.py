@@ -289,3 +289,32 @@ def test_match_roll_tolerance_edges_and_a_worn_roll() -> None:
 def test_a_worn_roll_s_family_is_matched() -> None:
     (fam,) = find(prints(1.7593 * 0.99, 3.0, 700.0, range(10), rng=np.random.default_rng(8)))
     assert fam.roll == "work roll top" and fam.period_m == pytest.approx(1.7593 * 0.99, rel=1e-3)
+
+
+def test_a_chance_defect_on_the_grid_far_from_the_family_is_not_a_member() -> None:
+    rng = np.random.default_rng(12)
+    mark = prints(2.0, 1.0, 300.0, range(20), rng=rng)
+    stray = defect(1.0 + 60 * 2.0, 301.0)  # on the grid, 40 empty slots after the last print
+    noise = [defect(rng.uniform(0, 130), 300.0 + rng.uniform(-15, 15)) for _ in range(10)]
+    (fam,) = [f for f in find([*mark, stray, *noise]) if f.confirmed]
+    assert fam.count == 20 and fam.confidence == 1.0
+    assert max(fam.md_m) < 60.0
+
+
+def test_six_long_roll_marks_on_a_crowded_map_each_at_its_own_period() -> None:
+    # Locally a complete grid of 5p looks as good as p: every family must come out at p anyway,
+    # beside a lane crowded with 600 random defects.
+    rng = np.random.default_rng(8)  # a map where one family is first grown at 3p and 6p
+    defects = scatter(rng, 2000, sides=("top", "bottom"))
+    planted = []
+    for k in range(6):
+        period, phase, side, cd = rng.uniform(0.5, 5), rng.uniform(0, 1), ("top", "bottom")[k % 2], rng.uniform(0, 1500)
+        slots = [n for n in range(int(300 / period)) if rng.uniform() > 0.1]
+        planted.append((side, period))
+        defects += prints(period, phase, cd, slots, side=side, rng=rng)
+    defects += [defect(rng.uniform(0, 300), 750 + rng.uniform(-5, 5)) for _ in range(600)]
+    fams = find(defects)
+    assert all(f.confirmed for f in fams)
+    got = sorted((f.side, round(f.period_m, 3)) for f in fams)
+    assert got == sorted((side, round(period, 3)) for side, period in planted)
+    assert all(f.confidence > 0.8 for f in fams)
