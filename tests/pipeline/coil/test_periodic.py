@@ -318,3 +318,21 @@ def test_six_long_roll_marks_on_a_crowded_map_each_at_its_own_period() -> None:
     got = sorted((f.side, round(f.period_m, 3)) for f in fams)
     assert got == sorted((side, round(period, 3)) for side, period in planted)
     assert all(f.confidence > 0.8 for f in fams)
+
+
+def test_a_full_width_transverse_mark_gives_families_across_the_width_at_its_period() -> None:
+    # 30 defects across the width at every print: a lane's own print must not hide behind the others.
+    rng = np.random.default_rng(13)
+    marks = [
+        defect(1.0 + n * 3.3 + rng.uniform(-0.001, 0.001), rng.uniform(0, 1500)) for n in range(12) for _ in range(30)
+    ]
+    fams = find(marks)
+    # Where neighbouring lanes took every other print of a lane, what is left fills a 2p grid.
+    assert all(f.period_m / 3.3 == pytest.approx(round(f.period_m / 3.3), rel=1e-3) for f in fams)
+    assert sum(f.period_m == pytest.approx(3.3, rel=1e-3) for f in fams) >= 15
+    assert all(f.confirmed for f in fams)
+
+
+def test_a_tolerance_as_wide_as_half_the_shortest_period_is_refused() -> None:
+    with pytest.raises(ValueError, match="md_tolerance_mm"):
+        find(prints(2.0, 1.0, 300.0, range(5)), PeriodicConfig(md_tolerance_mm=150.0, min_period_m=0.3))
