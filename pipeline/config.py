@@ -337,6 +337,12 @@ class SourceConfig(_Section):
         default=None, ge=1, description="Stop after this many lines (synthetic); None streams until stopped."
     )
     first_line: int = Field(default=0, ge=0, description="Strip line of the first block (synthetic).")
+    resume_line: int | None = Field(
+        default=None,
+        ge=0,
+        description="Synthetic: the strip line a camera that joins a running strip (a restarted daemon) "
+        "delivers first; the strip and its defects stay those planned from first_line. None = first_line.",
+    )
     plant_defects: bool = Field(
         default=True,
         description="Plant synthetic defects (ground truth in the source's planted list); False gives "
@@ -820,6 +826,8 @@ class CoilConfig(_Section):
     def _periods(self) -> CoilConfig:
         if self.periodic.max_period_m <= self.periodic.min_period_m:
             raise ValueError("periodic.max_period_m must be above periodic.min_period_m")
+        if self.periodic.md_tolerance_mm >= 500.0 * self.periodic.min_period_m:
+            raise ValueError("periodic.md_tolerance_mm must be below half of periodic.min_period_m")
         return self
 
 

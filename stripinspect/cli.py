@@ -117,6 +117,35 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run(_config(args.config), quiet=args.quiet, log_json=args.log_json)
 
 
+def cmd_proxy(args: argparse.Namespace) -> int:
+    from pipeline.coil.run import run_proxy
+
+    return run_proxy(_config(args.config).coil, quiet=args.quiet)
+
+
+def cmd_coil_service(args: argparse.Namespace) -> int:
+    from pipeline.coil.run import run_coil_service
+
+    return run_coil_service(_config(args.config).coil, quiet=args.quiet)
+
+
+def cmd_coil_report(args: argparse.Namespace) -> int:
+    from pipeline.coil.records import CoilRecords
+    from pipeline.coil.report import write_report
+    from pipeline.coil.service import coil_summary
+
+    cfg = _config(args.config).coil
+    if not args.db.is_file():
+        raise StripinspectError(f"{args.db}: no coil records database")
+    records = CoilRecords(path=args.db, synchronous=cfg.db.synchronous, max_age_days=1e4, max_coils=10**7)
+    try:
+        files = write_report(coil_summary(records, args.coil, cfg), args.out)
+    finally:
+        records.close()
+    print(json.dumps({"pdf": str(files.pdf), "png": str(files.png), "json": str(files.json)}))
+    return 0
+
+
 def _client_keys(args: argparse.Namespace) -> Any:
     from pipeline.transport.listen import ClientKeys
 
@@ -315,9 +344,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.set_defaults(func=cmd_run)
 
+    px = sub.add_parser("proxy", help="fan the camera daemons' PUB streams into one XPUB endpoint (coil.cameras)")
+    with_config(px)
+    px.set_defaults(func=cmd_proxy)
+
+    cs = sub.add_parser(
+        "coil-service", help="merge every camera onto coil records; periodic defects, grading, coil reports"
+    )
+    with_config(cs)
+    cs.set_defaults(func=cmd_coil_service)
+
+    co = sub.add_parser("coil", help="coil records")
+    co_sub = co.add_subparsers(dest="coil_cmd", required=True)
+    cr = co_sub.add_parser("report", help="write a coil's report.pdf, map.png and report.json")
+    with_config(cr)
+    cr.add_argument("--db", type=Path, required=True, help="coil records database (coil.db.path)")
+    cr.add_argument("--coil", required=True, help="coil ID")
+    cr.add_argument("--out", type=Path, required=True, help="folder to write the report into")
+    cr.set_defaults(func=cmd_coil_report)
+
     li = sub.add_parser("listen", help="print alerts from a running daemon as JSON lines; report sequence gaps")
     li.add_argument("endpoint", help="the daemon's PUB endpoint, e.g. tcp://127.0.0.1:5555")
-    li.add_argument("--topics", nargs="+", default=["alert"], choices=["alert", "frame", "heartbeat"])
+    li.add_argument("--topics", nargs="+", default=["alert"], choices=["alert", "frame", "heartbeat", "coil"])
     li.add_argument("--out", type=Path, default=None, help="append JSON lines to this file")
     li.add_argument("--seconds", type=float, default=None, help="stop after this long")
     li.add_argument(

@@ -47,7 +47,10 @@ class SyntheticSource:
         strip_width = strip_width_of(cfg, width=width)
         self.strip = SyntheticStrip(width=strip_width, seed=seed)
         self._cols = (cfg.strip_x0, cfg.strip_x0 + width)
-        self._line = cfg.first_line
+        if cfg.resume_line is not None and cfg.resume_line < cfg.first_line:
+            raise ValueError(f"resume_line {cfg.resume_line} is before first_line {cfg.first_line}")
+        # A restarted camera joins the strip where it then is; what is planted where does not move.
+        self._line = cfg.first_line if cfg.resume_line is None else cfg.resume_line
         self._end = None if cfg.strip_lines is None else cfg.first_line + cfg.strip_lines
         self._plan = defect_plan(cfg, seed=seed, strip_width=strip_width, frame_lines=frame_lines)
         self._frame_lines = frame_lines

@@ -30,7 +30,7 @@ class CoilDefect:
     """A defect on the coil map: box centre (``md_m``, ``cd_mm``) and extent (``length_mm``
     along MD, ``width_mm`` across). ``cameras``: every camera that saw it (two where neighbours
     overlap); ``sources``: "camera:seq" of each alert merged into it. ``klass`` is None until a
-    classifier names it; ``thumbnail`` a PNG path relative to the records folder, or None."""
+    classifier names it; ``thumbnail`` a PNG path relative to the records' ``thumbs_root``, or None."""
 
     coil_id: str
     side: str

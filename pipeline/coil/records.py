@@ -715,6 +715,12 @@ class CoilRecords:
             self._closed = True
             self._db.close()
 
+    def __enter__(self) -> CoilRecords:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 _COIL_QUERY = (
     "SELECT c.coil_id, c.grade, c.head_line, c.tail_line, c.width_mm, c.thickness_mm, c.nominal_length_m, c.state,"
