@@ -385,7 +385,14 @@ class CoilRecords:
     # --- defects -------------------------------------------------------------------------------
 
     def add_defect(
-        self, defect: CoilDefect, *, camera: str, seq: int, merge_mm: float, thumbnail_png: bytes | None
+        self,
+        defect: CoilDefect,
+        *,
+        camera: str,
+        seq: int,
+        merge_mm: float,
+        thumbnail_png: bytes | None,
+        stream: str | None = None,
     ) -> CoilDefect | None:
         """Store one alert's defect, ``seq`` being the alert's number from ``camera``'s daemon.
 
@@ -394,8 +401,10 @@ class CoilRecords:
         inserted, or merged (``merge``) with every stored defect within ``merge_mm`` of it (and
         of what the merge grows to). Returns the defect as stored, with its defect_id (the
         oldest of those merged). The records set ``cameras``, ``sources`` and ``thumbnail``:
-        the defect passed may hold nothing else there. The coil must be open.
+        the defect passed may hold nothing else there. The coil must be open. ``stream`` names
+        the cursor when it is not the camera's own (one per alert journal of the camera).
         """
+        key = camera if stream is None else stream
         view = self._check_view(defect, camera=camera, seq=seq)
         merge_mm = _finite("merge_mm", merge_mm, low=0.0)
         if thumbnail_png is not None and (
@@ -406,10 +415,10 @@ class CoilRecords:
             written: list[Path] = []
             try:
                 with self._write(f"store defect {camera}:{seq}"):
-                    if seq <= self._cursor(camera):
+                    if seq <= self._cursor(key):
                         return None
                     folder = self._open_folder(view.coil_id)
-                    self._set_cursor(camera, seq)
+                    self._set_cursor(key, seq)
                     found = self._within_reach(view, merge_mm)
                     if not found:
                         stored = self._insert(view, folder, thumbnail_png, written)

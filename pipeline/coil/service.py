@@ -107,6 +107,7 @@ class CoilService:
         self.open: dict[str, OpenCoil] = {
             r.info.coil_id: OpenCoil(info=r.info, opened_here=False) for r in records.coils(open_only=True, limit=1000)
         }
+        self.journals: dict[str, str | None] = dict.fromkeys(cfg.cameras)
         self.counts = {"alerts": 0, "duplicates": 0, "replayed": 0, "outside_coil": 0, "unknown_coil": 0}
         self._sub = context.socket(zmq.SUB)
         self._sub.setsockopt(zmq.RCVHWM, 200_000)
@@ -181,9 +182,22 @@ class CoilService:
 
     # --- alerts ------------------------------------------------------------------------------
 
+    def _stream(self, cid: str) -> str:
+        """The cursor of a camera's current alert journal: a daemon whose journal was deleted
+        numbers from 1 again, and its new alerts must not look like replays of the old ones."""
+        jid = self.journals.get(cid)
+        return cid if jid is None else f"{cid}@{jid}"
+
+    def _journal_seen(self, cid: str, jid: object) -> None:
+        if isinstance(jid, str) and jid != self.journals.get(cid):
+            if self.journals.get(cid) is not None:
+                log.warning("camera %s has a new alert journal (%s): its numbers start again", cid, jid)
+            self.journals[cid] = jid
+
     def on_alert(self, cid: str, header: dict[str, Any]) -> None:
         seq = int(header["seq"])
-        cursor = self.records.cursor(cid)
+        self._journal_seen(cid, header.get("journal"))
+        cursor = self.records.cursor(self._stream(cid))
         if seq <= cursor:
             self.counts["duplicates"] += 1
             return
@@ -195,7 +209,7 @@ class CoilService:
         """Alerts of ``cid`` after the stored cursor (up to ``upto``) from its journal."""
         endpoint = self.cfg.cameras[cid].control
         while True:
-            after = self.records.cursor(cid)
+            after = self.records.cursor(self._stream(cid))
             if upto is not None and after >= upto:
                 return
             try:
@@ -208,6 +222,9 @@ class CoilService:
             if not reply.get("ok"):
                 log.warning("camera %s: replay refused: %s", cid, reply.get("error"))
                 return
+            if reply.get("journal") is not None and reply["journal"] != self.journals.get(cid):
+                self._journal_seen(cid, reply["journal"])
+                continue  # the cursor to fetch after is that journal's
             alerts = [a for a in reply["alerts"] if upto is None or a["seq"] <= upto]
             if reply.get("pruned"):
                 log.error("camera %s: alerts after %d were pruned from its journal before fetching", cid, after)
@@ -216,7 +233,7 @@ class CoilService:
                     self._store(cid, a)
                 except (KeyError, TypeError, ValueError) as err:
                     log.warning("replayed alert %s of camera %s skipped: %r", a.get("seq"), cid, err)
-                    self.records.advance_cursor(cid, int(a["seq"]))
+                    self.records.advance_cursor(self._stream(cid), int(a["seq"]))
                 self.counts["replayed"] += 1
                 self.cameras[cid].replayed += 1
             if not alerts or len(alerts) < len(reply["alerts"]) or not reply["alerts"]:
@@ -229,12 +246,12 @@ class CoilService:
         self.cameras[cid].alerts += 1
         if coil_id is None:
             self.counts["outside_coil"] += 1
-            self.records.advance_cursor(cid, seq)
+            self.records.advance_cursor(self._stream(cid), seq)
             return
         if self.records.coil(coil_id) is None and not self._learn_coil(cid, coil_id):
             self.counts["unknown_coil"] += 1
             log.error("alert %s of camera %s names coil %r, which no one knows; not stored", seq, cid, coil_id)
-            self.records.advance_cursor(cid, seq)
+            self.records.advance_cursor(self._stream(cid), seq)
             return
         defect = CoilDefect(
             coil_id=coil_id,
@@ -256,11 +273,13 @@ class CoilService:
             except (binascii.Error, ValueError):
                 thumb = None
         try:
-            self.records.add_defect(defect, camera=cid, seq=seq, merge_mm=self.cfg.merge_mm, thumbnail_png=thumb)
+            self.records.add_defect(
+                defect, camera=cid, seq=seq, merge_mm=self.cfg.merge_mm, thumbnail_png=thumb, stream=self._stream(cid)
+            )
         except RecordsError as err:
             # A coil already closed (an alert fetched late): kept out of the closed record.
             log.error("alert %s of camera %s not stored: %s", seq, cid, err)
-            self.records.advance_cursor(cid, seq)
+            self.records.advance_cursor(self._stream(cid), seq)
             return
         if coil_id in self.open:
             self.open[coil_id].dirty = True
@@ -503,7 +522,8 @@ class CoilService:
                     "alerts": c.alerts,
                     "replayed": c.replayed,
                     "frames": c.frames,
-                    "cursor": self.records.cursor(cid),
+                    "cursor": self.records.cursor(self._stream(cid)),
+                    "journal": self.journals.get(cid),
                 }
                 for cid, c in self.cameras.items()
             },

@@ -97,6 +97,7 @@ class Commands:
             "ok": True,
             "alerts": alerts,
             "last_seq": self.journal.last_seq,
+            "journal": self.journal.journal_id,
             # Alerts between `after` and the oldest one kept were pruned (journal bounds).
             "pruned": first is not None and first > after + 1,
         }

@@ -433,6 +433,7 @@ class PublishStage:
             body = alert_body(frame, d, capture_md_m=capture_md_m)
             # The daemon's MD is from strip line 0; alerts carry the coil's (strip_md_m keeps the other).
             body.update(coil_id=coil_id, md_m=md, strip_md_m=d.md_m, side=self.side)
+            body["journal"] = None if self.journal is None else self.journal.journal_id
             body["thumbnail_png"] = None if thumbnails is None else thumbnails[i]
             headers.append(self.publisher.stamp("alert", body))
         if not headers:

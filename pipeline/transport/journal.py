@@ -13,6 +13,7 @@ import json
 import sqlite3
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,13 @@ class AlertJournal:
             # The last number ever given, kept apart from the rows so pruning never reuses one.
             row = self._db.execute("SELECT value FROM meta WHERE key = 'last_seq'").fetchone()
             self.last_seq = int(row[0]) if row is not None else 0
+            # Names this journal: a journal deleted and started again numbers from 1 once more,
+            # and a subscriber that keeps cursors must tell the two apart.
+            row = self._db.execute("SELECT value FROM meta WHERE key = 'journal_id'").fetchone()
+            if row is None:
+                row = (uuid.uuid4().hex,)
+                self._db.execute("INSERT INTO meta VALUES ('journal_id', ?)", row)
+            self.journal_id = str(row[0])
         except sqlite3.Error as err:
             raise JournalError(f"cannot open alert journal {self.path}: {err}") from None
         self._appends = 0

@@ -55,6 +55,7 @@ class FakeCamera:
             if req["cmd"] == "replay":
                 alerts = self.journal.after(req["after"], 100)
                 reply = {"ok": True, "alerts": alerts, "last_seq": self.journal.last_seq, "pruned": False}
+                reply["journal"] = self.journal.journal_id
             elif req["cmd"] == "coil_start":
                 coil = {k: req.get(k) for k in ("coil_id", "grade", "width_mm", "thickness_mm", "length_m")}
                 reply = {"ok": True, "coil": {**coil, "head_line": req.get("head_line", 0), "tail_line": None}}
@@ -86,6 +87,7 @@ class FakeCamera:
                 "area_mm2": 40.0,
                 "max_score": score,
                 "thumbnail_png": None,
+                "journal": self.journal.journal_id,
             },
         )
         (seq,) = self.journal.append([h])
@@ -186,7 +188,7 @@ def test_two_cameras_become_one_coil_record_with_its_report(line: dict[str, Any]
     merged = next(d for d in defects if len(d.cameras) == 2)
     assert set(merged.cameras) == {"cam0", "cam1"} and merged.md_m == pytest.approx(10.0, abs=0.01)
     assert {round(d.md_m) for d in defects} == {10, 18, 24}
-    assert records.cursor("cam1") == 3 and line["service"].counts["duplicates"] >= 1
+    assert records.cursor(f"cam1@{cam1.journal.journal_id}") == 3 and line["service"].counts["duplicates"] >= 1
     (gap,) = records.uninspected("C1")
     assert gap.camera == "cam1" and (gap.md_from_m, gap.md_to_m) == (pytest.approx(38.0), pytest.approx(58.0))
     assert (gap.cd_from_mm, gap.cd_to_mm) == (600.0, 1250.0)
@@ -225,3 +227,20 @@ def test_level2_commands_are_forwarded_and_checked(line: dict[str, Any]) -> None
         assert status["ok"] is True and "C9" in status["open_coils"]
     finally:
         req.close(0)
+
+
+def test_a_camera_with_a_new_journal_is_not_taken_for_replays(line: dict[str, Any], tmp_path: Path) -> None:
+    cam0 = line["cams"]["cam0"]
+    records: CoilRecords = line["records"]
+    cam0.coil_event("start", tail=TAIL)
+    _until(lambda: records.coil("C1") is not None)
+    for k in range(3):
+        cam0.alert(HEAD + 2000 + 1000 * k, 100.0)
+    _until(lambda: len(records.defects("C1")) == 3)
+    # The daemon's journal is deleted and the daemon restarted: its numbers start at 1 again.
+    cam0.journal.close()
+    cam0.journal = AlertJournal(path=tmp_path / "cam0-new.sqlite", max_rows=10_000, max_age_s=1e6)
+    cam0.pub.seq["alert"] = 0
+    cam0.alert(HEAD + 9000, 100.0)
+    _until(lambda: len(records.defects("C1")) == 4)
+    assert records.cursor(f"cam0@{cam0.journal.journal_id}") == 1
