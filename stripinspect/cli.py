@@ -137,7 +137,9 @@ def cmd_coil_report(args: argparse.Namespace) -> int:
     cfg = _config(args.config).coil
     if not args.db.is_file():
         raise StripinspectError(f"{args.db}: no coil records database")
-    records = CoilRecords(path=args.db, synchronous=cfg.db.synchronous, max_age_days=1e4, max_coils=10**7)
+    records = CoilRecords(
+        path=args.db, synchronous=cfg.db.synchronous, max_age_days=cfg.db.max_age_days, max_coils=cfg.db.max_coils
+    )
     try:
         files = write_report(coil_summary(records, args.coil, cfg), args.out)
     finally:

@@ -33,6 +33,7 @@ from pipeline.coil.grading import grade_coil
 from pipeline.coil.model import CoilDefect, CoilInfo, Grading, PeriodicFamily, Uninspected
 from pipeline.coil.periodic import find_families
 from pipeline.coil.records import CoilRecords, RecordsError
+from pipeline.coil.report_data import CoilSummary
 from pipeline.config import CoilConfig
 from pipeline.errors import StripinspectError
 from pipeline.transport.publish import Publisher, decode
@@ -309,18 +310,19 @@ class CoilService:
         if cam.covered_to is None:
             # The first frame this service sees from the camera: coils it opened before then
             # were not seen by this camera from their head.
-            for oc in self.open.values():
+            for oc in list(self.open.values()):
                 if oc.opened_here and oc.info.head_line < start:
-                    self._uninspected(cid, oc.info.head_line, start, "camera not delivering at coil start")
+                    self._uninspected(cid, oc.info.head_line, start, "camera not delivering at coil start", only=oc)
         elif start > cam.covered_to:
             self._uninspected(cid, cam.covered_to, start, "no frames from the camera")
         cam.covered_to = end if cam.covered_to is None else max(cam.covered_to, end)
 
-    def _uninspected(self, cid: str, a: int, b: int, reason: str) -> None:
-        """Lines [a, b) of camera ``cid`` were not inspected: one stretch per coil they touch."""
+    def _uninspected(self, cid: str, a: int, b: int, reason: str, *, only: OpenCoil | None = None) -> None:
+        """Lines [a, b) of camera ``cid`` were not inspected: one stretch per coil they touch
+        (or in ``only``)."""
         cam = self.cameras[cid]
         mm = cam.mm_per_line or 1.0
-        for oc in list(self.open.values()):
+        for oc in [only] if only is not None else list(self.open.values()):
             head = oc.info.head_line
             tail = oc.info.tail_line
             lo, hi = max(a, head), b if tail is None else min(b, tail)
@@ -428,7 +430,7 @@ class CoilService:
         for cid, cam in self.cameras.items():
             seen_to = cam.covered_to if cam.covered_to is not None else (info.head_line if oc.opened_here else tail)
             if seen_to < tail:
-                self._uninspected(cid, max(seen_to, info.head_line), tail, "camera offline at coil end")
+                self._uninspected(cid, max(seen_to, info.head_line), tail, "camera offline at coil end", only=oc)
         families, grading, length_m = self._results(oc, final=True)
         self.records.set_results(info.coil_id, families=families, grading=grading)
         self.records.close_coil(info.coil_id, tail_line=tail, length_m=length_m, ended_utc=time.time())
@@ -487,7 +489,7 @@ class CoilService:
             if self.cfg.reports_dir is None:
                 return {"ok": False, "error": "coil.reports_dir is null"}
             files = self.write_report(coil_id)
-            return {"ok": files is not None, "files": files} if files else {"ok": False, "error": "report failed"}
+            return {"ok": True, "files": files} if files else {"ok": False, "error": "report not written (logged)"}
         return {"ok": False, "error": f"unknown command {cmd!r}; known: coil_start, coil_end, status, report"}
 
     def _forward(self, cmd: str, req: dict[str, Any]) -> dict[str, Any]:
@@ -542,10 +544,8 @@ def safe_name(coil_id: str) -> str:
     return keep or "coil"
 
 
-def coil_summary(records: CoilRecords, coil_id: str, cfg: CoilConfig) -> Any:
+def coil_summary(records: CoilRecords, coil_id: str, cfg: CoilConfig) -> CoilSummary:
     """What the report shows of a coil, from its records (RecordsError when unknown)."""
-    from pipeline.coil.report_data import CoilSummary
-
     rec = records.coil(coil_id)
     if rec is None:
         raise RecordsError(f"no coil {coil_id!r} in {records.path}")

@@ -431,8 +431,11 @@ class PublishStage:
         for i, d in enumerate(defects):
             coil_id, md = self.coils.locate(d.line)
             body = alert_body(frame, d, capture_md_m=capture_md_m)
-            # The daemon's MD is from strip line 0; alerts carry the coil's (strip_md_m keeps the other).
+            # The daemon's MD is from strip line 0; alerts carry the coil's (strip_md_m keeps the
+            # other), and the camera's position in the same terms, so that the reject actuator's
+            # "how far past the camera" (capture_md_m - md_m) does not change.
             body.update(coil_id=coil_id, md_m=md, strip_md_m=d.md_m, side=self.side)
+            body["capture_md_m"] = md + (capture_md_m - d.md_m)
             body["journal"] = None if self.journal is None else self.journal.journal_id
             body["thumbnail_png"] = None if thumbnails is None else thumbnails[i]
             headers.append(self.publisher.stamp("alert", body))

@@ -99,6 +99,8 @@ def test_alerts_and_frames_carry_the_coil_from_the_schedule(strip_bundle: Path, 
     head = {"K1": head1, "K2": tail1}
     for a in alerts:
         assert a["side"] == "bottom"
+        # How far past the camera the defect was at capture: within one frame, in any coil.
+        assert 0.0 <= a["capture_md_m"] - a["md_m"] <= FRAME * MM / 1000
         assert a["strip_md_m"] == pytest.approx(a["line"] * MM / 1000)
         if a["coil_id"] is None:
             assert a["line"] < head1 and a["md_m"] == pytest.approx(a["strip_md_m"])
