@@ -169,13 +169,22 @@ def start(cmd: list[str], log: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-m", "stripinspect", *cmd], stdout=out, stderr=out, env=env, cwd=REPO)
 
 
-def control(endpoint: str, msg: dict[str, Any], timeout_s: float = 5.0) -> dict[str, Any]:
+def control(endpoint: str, msg: dict[str, Any], timeout_s: float = 5.0, patience_s: float = 30.0) -> dict[str, Any]:
+    """A control request, asked again on a fresh socket while it times out, for up to
+    ``patience_s``: the coil service answers between its gap fills, and a fill from a camera
+    that was just killed waits its ``replay_timeout_s`` first (a busy loaded machine adds more)."""
     import zmq
 
     from pipeline.coil.service import request
 
     ctx: zmq.Context = zmq.Context.instance()
-    return request(ctx, endpoint, msg, timeout_s=timeout_s)
+    give_up = time.monotonic() + patience_s
+    while True:
+        try:
+            return request(ctx, endpoint, msg, timeout_s=timeout_s)
+        except TimeoutError:
+            if time.monotonic() >= give_up:
+                raise
 
 
 def match(truth: list[Any], defects: list[Any]) -> tuple[set[int], set[int]]:
