@@ -831,6 +831,123 @@ class CoilConfig(_Section):
         return self
 
 
+class BridgeCameraConfig(_Section):
+    """One camera daemon as the plant bridge sees it."""
+
+    pub: str = Field(description="The daemon's PUB endpoint (daemon.pub_endpoint).")
+    control: str = Field(description="The daemon's control endpoint: journal replays, recipes, coil commands.")
+
+
+class BridgeCoilServiceConfig(_Section):
+    """The coil service, when one runs: coil summaries for the plant, coil commands to every camera."""
+
+    pub: str = Field(default="tcp://127.0.0.1:5572", description="The coil service's PUB endpoint (coil.pub_endpoint).")
+    control: str = Field(
+        default="tcp://127.0.0.1:5571", description="The coil service's control endpoint (coil.control_endpoint)."
+    )
+
+
+class RejectRuleConfig(_Section):
+    """Which defects the reject actuator acts on, and where it stands."""
+
+    min_area_mm2: float = Field(default=0.0, ge=0, le=1e9, description="Defects at least this large are rejected.")
+    min_score_ratio: float = Field(
+        default=1.0, ge=0, le=1000, description="...and whose max score is at least this many times the threshold."
+    )
+    distance_m: float = Field(
+        default=4.0, ge=0, le=10_000, description="Strip length from the camera line to the reject actuator."
+    )
+    pulse_ms: int = Field(default=200, ge=10, le=60_000, description="How long the reject output stays on per defect.")
+
+
+class OpcUaConfig(_Section):
+    """OPC UA server shaped on OPC 40100-1 (Machine Vision)."""
+
+    enabled: bool = Field(default=True, description="Serve OPC UA.")
+    endpoint: str = Field(
+        default="opc.tcp://127.0.0.1:4840/stripinspect/", description="Endpoint URL the server binds and announces."
+    )
+    certs_dir: Path | None = Field(
+        default=None,
+        description="Folder made by `stripinspect keys --opcua DIR`: server certificate and key, and the trusted "
+        "client certificates (trusted/). None: only the policy None, and only with allow_insecure.",
+    )
+    users_file: Path | None = Field(
+        default=None, description="User names and scrypt password hashes (`stripinspect keys --opcua-user`)."
+    )
+    allow_anonymous: bool = Field(default=False, description="Let clients in without a user name.")
+    allow_insecure: bool = Field(
+        default=False, description="Offer security policy None (no signing, no encryption): test benches only."
+    )
+    latest_results: int = Field(default=10, ge=1, le=1000, description="Latest results kept as variables.")
+    publishing_interval_ms: int = Field(
+        default=10, ge=1, le=10_000, description="Fastest subscription publishing interval the server grants."
+    )
+
+
+class ModbusConfig(_Section):
+    """Modbus TCP server (register map in docs/plant.md)."""
+
+    enabled: bool = Field(default=True, description="Serve Modbus TCP.")
+    host: str = Field(default="127.0.0.1", description="Address to bind; loopback unless the PLC is elsewhere.")
+    port: int = Field(default=5020, ge=1, le=65535, description="TCP port (502 needs root).")
+    unit_id: int = Field(default=1, ge=0, le=247, description="Modbus unit (slave) id answered.")
+    ring_size: int = Field(default=32, ge=1, le=200, description="Latest defects kept in the register ring.")
+
+
+class MqttConfig(_Section):
+    """MQTT client publishing to the plant's broker."""
+
+    enabled: bool = Field(default=True, description="Publish to MQTT.")
+    host: str = Field(default="127.0.0.1", description="Broker host.")
+    port: int = Field(default=1883, ge=1, le=65535, description="Broker port.")
+    client_id: str = Field(default="stripinspect-bridge", min_length=1, max_length=64, description="MQTT client id.")
+    base_topic: str = Field(
+        default="stripinspect/line1", min_length=1, max_length=200, description="Prefix of every topic."
+    )
+    qos: Literal[0, 1, 2] = Field(default=1, description="QoS of alerts and coil messages (status is QoS 1, retained).")
+    username: str | None = Field(default=None, max_length=200, description="Broker user name.")
+    password_file: Path | None = Field(default=None, description="File holding the broker password.")
+    keepalive_s: int = Field(default=10, ge=2, le=3600, description="Keepalive; the last will goes out 1.5x after.")
+
+
+class BridgeConfig(_Section):
+    """`stripinspect bridge`: the plant interfaces (OPC UA, Modbus TCP, MQTT) beside the daemons."""
+
+    cameras: dict[str, BridgeCameraConfig] = Field(
+        default_factory=dict,
+        description="Camera daemons by camera_id; empty: the daemon of this config (daemon.camera_id, "
+        "daemon.pub_endpoint, daemon.control_endpoint).",
+    )
+    coil_service: BridgeCoilServiceConfig | None = Field(
+        default=None, description="The coil service; None: coil commands go to each camera, no coil summaries."
+    )
+    state_path: Path = Field(
+        default=Path("bridge/bridge.sqlite"),
+        description="The bridge's own journal (SQLite WAL): defects numbered for the plant and what each "
+        "protocol has delivered, so a restart resumes without loss or duplicates.",
+    )
+    synchronous: Literal["NORMAL", "FULL"] = Field(
+        default="FULL", description="SQLite synchronous: FULL survives a power cut, NORMAL only a process crash."
+    )
+    keep_defects: int = Field(default=100_000, ge=1000, le=100_000_000, description="Defects kept in the journal.")
+    queue_size: int = Field(
+        default=1000,
+        ge=1,
+        le=1_000_000,
+        description="Messages waiting per protocol; beyond it a slow protocol's messages are dropped and "
+        "counted (defects are caught up from the journal when it recovers).",
+    )
+    replay_timeout_s: float = Field(default=5.0, gt=0, le=600, description="How long a journal replay may take.")
+    reject: RejectRuleConfig = Field(default_factory=RejectRuleConfig, description="The reject decision.")
+    opcua: OpcUaConfig = Field(default_factory=OpcUaConfig, description="OPC UA server.")
+    modbus: ModbusConfig = Field(default_factory=ModbusConfig, description="Modbus TCP server.")
+    mqtt: MqttConfig = Field(default_factory=MqttConfig, description="MQTT publisher.")
+    status_port: int | None = Field(
+        default=9110, ge=1, le=65535, description="Prometheus metrics of the bridge (loopback); None = off."
+    )
+
+
 class Config(_Section):
     """Root of config.yaml."""
 
@@ -843,6 +960,7 @@ class Config(_Section):
     svdd: SvddConfig = Field(default_factory=SvddConfig, description="Patch SVDD training.")
     msp: MspConfig = Field(default_factory=MspConfig, description="Multi-scale patch encoder training.")
     coil: CoilConfig = Field(default_factory=CoilConfig, description="Coil service, proxy, grading, reports.")
+    bridge: BridgeConfig = Field(default_factory=BridgeConfig, description="Plant interfaces: OPC UA, Modbus, MQTT.")
 
 
 class ConfigError(StripinspectError):

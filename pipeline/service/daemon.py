@@ -225,6 +225,7 @@ class Daemon:
         out = {
             "state": state,
             "recipe": self.cfg.recipe,
+            "recipes": sorted(self.cfg.recipes),
             "coil": {"coil_id": cid, "md_m": md, "camera_line": self.coils.camera_line},
             "side": self.cfg.side,
             "threshold": self.slot.threshold_json(),
