@@ -175,7 +175,7 @@ def control(endpoint: str, msg: dict[str, Any], timeout_s: float = 5.0, patience
     that was just killed waits its ``replay_timeout_s`` first (a busy loaded machine adds more)."""
     import zmq
 
-    from pipeline.coil.service import request
+    from pipeline.transport.request import request
 
     ctx: zmq.Context = zmq.Context.instance()
     give_up = time.monotonic() + patience_s

@@ -5,12 +5,9 @@ start-up problem raises a StripinspectError of one line (the CLI exits 2)."""
 from __future__ import annotations
 
 import logging
-import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import zmq
 
@@ -18,43 +15,15 @@ from pipeline.coil.proxy import StreamProxy
 from pipeline.coil.records import CoilRecords
 from pipeline.coil.service import CoilService
 from pipeline.config import CoilConfig
+from pipeline.process import logging_to, stop_on_signals
 
 log = logging.getLogger("stripinspect.coil")
-
-
-@contextmanager
-def stop_on_signals(stop: threading.Event) -> Iterator[None]:
-    """SIGTERM and SIGINT set ``stop`` (only on the main thread, where Python allows handlers)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-@contextmanager
-def logging_to_stderr(*, quiet: bool) -> Iterator[None]:
-    logger = logging.getLogger("stripinspect")
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logger.addHandler(handler)
-    level = logger.level
-    logger.setLevel(logging.WARNING if quiet else logging.INFO)
-    try:
-        yield
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
 
 
 def run_proxy(cfg: CoilConfig, *, quiet: bool = False, stop: threading.Event | None = None) -> int:
     stop = stop or threading.Event()
     context = zmq.Context()
-    with logging_to_stderr(quiet=quiet), stop_on_signals(stop):
+    with logging_to(sys.stderr, quiet=quiet, log_json=False, tty=False), stop_on_signals(stop):
         proxy = StreamProxy(context=context, cameras=[c.pub for c in cfg.cameras.values()], endpoint=cfg.proxy_endpoint)
         proxy.start()
         log.info("proxy: %d camera(s) -> %s", len(cfg.cameras), proxy.endpoint)
@@ -72,7 +41,7 @@ def run_proxy(cfg: CoilConfig, *, quiet: bool = False, stop: threading.Event | N
 def run_coil_service(cfg: CoilConfig, *, quiet: bool = False, stop: threading.Event | None = None) -> int:
     stop = stop or threading.Event()
     context = zmq.Context()
-    with logging_to_stderr(quiet=quiet), stop_on_signals(stop):
+    with logging_to(sys.stderr, quiet=quiet, log_json=False, tty=False), stop_on_signals(stop):
         records = CoilRecords(
             path=cfg.db.path,
             synchronous=cfg.db.synchronous,

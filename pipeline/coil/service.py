@@ -37,6 +37,7 @@ from pipeline.coil.report_data import CoilSummary
 from pipeline.config import CoilConfig
 from pipeline.errors import StripinspectError
 from pipeline.transport.publish import Publisher, decode
+from pipeline.transport.request import request
 
 log = logging.getLogger("stripinspect.coil")
 TOPICS = ("periodic", "grading", "coil_closed")
@@ -71,26 +72,6 @@ class OpenCoil:
     dirty: bool = True  # defects since the last live grading
     confirmed: set[tuple[str, int, int]] = field(default_factory=set)
     disposition: str | None = None
-
-
-def request(context: zmq.Context, endpoint: str, msg: dict[str, Any], *, timeout_s: float) -> dict[str, Any]:
-    """One request to a daemon's control socket on a fresh REQ socket (a REQ socket whose reply
-    never came cannot be used again: the zguide's Lazy Pirate). Raises TimeoutError."""
-    sock = context.socket(zmq.REQ)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.RCVTIMEO, int(timeout_s * 1000))
-    sock.setsockopt(zmq.SNDTIMEO, int(timeout_s * 1000))
-    try:
-        sock.connect(endpoint)
-        sock.send(json.dumps(msg).encode())
-        reply = sock.recv_json()
-    except zmq.Again:
-        raise TimeoutError(f"{endpoint}: no reply to {msg.get('cmd')!r} within {timeout_s} s") from None
-    finally:
-        sock.close(0)
-    if not isinstance(reply, dict):
-        raise TimeoutError(f"{endpoint}: reply is not a JSON object")
-    return reply
 
 
 class CoilService:

@@ -23,6 +23,7 @@ import zmq
 from pipeline.acquisition.sources import Source
 from pipeline.coil.tracking import CoilTracker, read_schedule
 from pipeline.config import DaemonConfig, RuntimeConfig, ScoringConfig
+from pipeline.process import notify
 from pipeline.service.camera import CameraSupervisor
 from pipeline.service.control import POLL_S, BindError, Commands, ControlServer
 from pipeline.service.drift import DriftMonitor
@@ -31,7 +32,6 @@ from pipeline.service.ratelog import RateLimitedLog
 from pipeline.service.slot import ModelSlot
 from pipeline.service.stages import Flow, build_stages
 from pipeline.service.stats import Stats
-from pipeline.service.systemd import notify
 from pipeline.transport.journal import AlertJournal, JournalError
 from pipeline.transport.publish import Publisher
 from pipeline.transport.security import CurveServer

@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from pipeline.service.systemd import notify
+from pipeline.process import notify
 
 log = logging.getLogger("stripinspect.health")
 

@@ -23,53 +23,13 @@ from typing import Any, TextIO
 
 from pipeline.acquisition.factory import open_source
 from pipeline.config import Config
+from pipeline.process import CLEAR, logging_to
 from pipeline.service.control import BindError
 from pipeline.service.daemon import Daemon
 
 log = logging.getLogger("stripinspect.run")
 STATUS_PERIOD_S = 1.0
 RATE_WINDOW_S = 5.0
-CLEAR = "\r\x1b[K"  # carriage return, erase to end of line
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per record: time, level, logger, message and the record's ``fields``."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        out: dict[str, Any] = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-            **getattr(record, "fields", {}),
-        }
-        if record.exc_info:
-            out["exception"] = self.formatException(record.exc_info)
-        return json.dumps(out, default=str)
-
-
-class TextFormatter(logging.Formatter):
-    def __init__(self, *, tty: bool) -> None:
-        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
-        self._prefix = CLEAR if tty else ""  # a log line replaces the status line, which is redrawn
-
-    def format(self, record: logging.LogRecord) -> str:
-        return self._prefix + super().format(record)
-
-
-@contextmanager
-def logging_to(stream: TextIO, *, quiet: bool, log_json: bool, tty: bool) -> Iterator[None]:
-    logger = logging.getLogger("stripinspect")
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(JsonFormatter() if log_json else TextFormatter(tty=tty))
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.WARNING if quiet else logging.INFO)
-    try:
-        yield
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
 
 
 def alert_line(h: dict[str, Any]) -> str:

@@ -206,7 +206,7 @@ def test_control_socket_status_reload_stop_and_drops(strip_bundle: Path, tmp_pat
 def test_systemd_notify_reaches_the_socket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import socket
 
-    from pipeline.service.systemd import notify
+    from pipeline.process import notify
 
     path = tmp_path / "notify.sock"
     server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
