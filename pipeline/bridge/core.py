@@ -121,6 +121,7 @@ class Channel:
     sink: Sink
     queue: asyncio.Queue[tuple[str, Any]]
     last: int
+    behind: bool = False  # messages were dropped at its full queue since it last caught up
     counts: dict[str, int] = field(
         default_factory=lambda: {"delivered": 0, "dropped": 0, "caught_up": 0, "lost": 0, "errors": 0}
     )
@@ -176,6 +177,7 @@ class Bridge:
                 # A protocol that cannot keep up loses its place in the queue, not the defect:
                 # its worker takes the missed defects from the journal once it is back.
                 ch.counts["dropped"] += 1
+                ch.behind = True
 
     def _on_heartbeat(self, camera_id: str, h: dict[str, Any]) -> None:
         self._heartbeats[camera_id] = h
@@ -241,6 +243,9 @@ class Bridge:
     async def _work(self, ch: Channel) -> None:
         await self._catch_up(ch, self.journal.last_seq)  # what it had not delivered before a restart
         while True:
+            if ch.behind and ch.queue.empty():
+                ch.behind = False
+                await self._catch_up(ch, self.journal.last_seq)
             kind, item = await ch.queue.get()
             try:
                 if kind == "stop":
