@@ -123,6 +123,12 @@ def cmd_proxy(args: argparse.Namespace) -> int:
     return run_proxy(_config(args.config).coil, quiet=args.quiet)
 
 
+def cmd_bridge(args: argparse.Namespace) -> int:
+    from pipeline.bridge.run import run_bridge
+
+    return run_bridge(_config(args.config), quiet=args.quiet, log_json=args.log_json)
+
+
 def cmd_coil_service(args: argparse.Namespace) -> int:
     from pipeline.coil.run import run_coil_service
 
@@ -157,6 +163,29 @@ def _client_keys(args: argparse.Namespace) -> Any:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
+    if args.opcua_user is not None:
+        from pipeline.bridge.certs import add_user
+
+        if args.users_file is None:
+            raise ConfigError("--opcua-user needs --users-file (bridge.opcua.users_file)")
+        if sys.stdin.isatty():
+            import getpass
+
+            password = getpass.getpass(f"password for {args.opcua_user}: ")
+        else:
+            password = sys.stdin.readline().rstrip("\n")
+        add_user(args.users_file, args.opcua_user, password)
+        print(f"{args.users_file}: user {args.opcua_user} set (scrypt hash)")
+        return 0
+    if args.out is None:
+        raise ConfigError("keys needs --out DIR (or --opcua-user NAME --users-file FILE)")
+    if args.opcua:
+        from pipeline.bridge.certs import create_opcua_keys
+
+        create_opcua_keys(args.out, clients=args.clients)
+        print(f"{args.out}: OPC UA server certificate and key, client certificates in {args.out / 'clients'}")
+        print(f"set bridge.opcua.certs_dir: {args.out}; give each client its clients/<name>_cert.der and _key.pem")
+        return 0
     from pipeline.transport.security import create_keys
 
     create_keys(args.out, args.clients)
@@ -356,6 +385,11 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(cs)
     cs.set_defaults(func=cmd_coil_service)
 
+    br = sub.add_parser("bridge", help="serve the plant: OPC UA, Modbus TCP and MQTT from the daemons' alerts")
+    with_config(br)
+    br.add_argument("--log-json", action="store_true", help="log one JSON object per line (services, journald)")
+    br.set_defaults(func=cmd_bridge)
+
     co = sub.add_parser("coil", help="coil records")
     co_sub = co.add_subparsers(dest="coil_cmd", required=True)
     cr = co_sub.add_parser("report", help="write a coil's report.pdf, map.png and report.json")
@@ -382,9 +416,15 @@ def build_parser() -> argparse.ArgumentParser:
     li.add_argument("--server-key", type=Path, default=None, help="CURVE: the daemon's server.key file")
     li.set_defaults(func=cmd_listen)
 
-    ky = sub.add_parser("keys", help="create a CURVE keys folder: server certificate and authorised clients")
-    ky.add_argument("--out", type=Path, required=True)
+    ky = sub.add_parser(
+        "keys",
+        help="create a CURVE keys folder (daemon) or, with --opcua, OPC UA certificates (bridge); add OPC UA users",
+    )
+    ky.add_argument("--out", type=Path, default=None, help="keys folder to create")
     ky.add_argument("--clients", nargs="+", default=["plc"], help="names of client certificates to create")
+    ky.add_argument("--opcua", action="store_true", help="X.509 certificates for the bridge's OPC UA server")
+    ky.add_argument("--opcua-user", default=None, help="add or replace this OPC UA user (password on stdin)")
+    ky.add_argument("--users-file", type=Path, default=None, help="with --opcua-user: bridge.opcua.users_file")
     ky.set_defaults(func=cmd_keys)
 
     rj = sub.add_parser("reject-sim", help="play a reject actuator: fire time per alert, report late alerts")
