@@ -28,7 +28,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from pipeline.bridge.model import LineStatus, PlantCoil, PlantCommands, PlantDefect
 from pipeline.config import MqttConfig
 from pipeline.errors import StripinspectError
-from pipeline.service.ratelog import RateLimitedLog
+from pipeline.process import RateLimitedLog
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from pipeline.acquisition.genicam import CameraError
 from pipeline.acquisition.sources import Source
-from pipeline.service.ratelog import RateLimitedLog
+from pipeline.process import RateLimitedLog
 from pipeline.service.stats import Stats
 from pipeline.transport.messages import LineBlock
 

@@ -13,8 +13,8 @@ import zmq
 
 from pipeline.coil.tracking import CoilError, CoilTracker
 from pipeline.errors import StripinspectError
+from pipeline.process import RateLimitedLog
 from pipeline.service.health import Liveness
-from pipeline.service.ratelog import RateLimitedLog
 from pipeline.service.slot import ModelSlot
 from pipeline.transport.journal import AlertJournal
 

@@ -23,12 +23,11 @@ import zmq
 from pipeline.acquisition.sources import Source
 from pipeline.coil.tracking import CoilTracker, read_schedule
 from pipeline.config import DaemonConfig, RuntimeConfig, ScoringConfig
-from pipeline.process import notify
+from pipeline.process import RateLimitedLog, notify
 from pipeline.service.camera import CameraSupervisor
 from pipeline.service.control import POLL_S, BindError, Commands, ControlServer
 from pipeline.service.drift import DriftMonitor
 from pipeline.service.health import HealthLoop, Liveness, watchdog_period_s
-from pipeline.service.ratelog import RateLimitedLog
 from pipeline.service.slot import ModelSlot
 from pipeline.service.stages import Flow, build_stages
 from pipeline.service.stats import Stats

@@ -30,10 +30,10 @@ from pipeline.acquisition.sources import Source
 from pipeline.coil.tracking import CoilEvent, CoilTracker
 from pipeline.config import DaemonConfig
 from pipeline.postprocess.defects import defect_thumbnail, extract_defects
+from pipeline.process import RateLimitedLog
 from pipeline.service.camera import CameraSupervisor
 from pipeline.service.drift import DriftMonitor
 from pipeline.service.health import Liveness
-from pipeline.service.ratelog import RateLimitedLog
 from pipeline.service.slot import Model, ModelSlot
 from pipeline.service.stats import Stats
 from pipeline.transport.journal import AlertJournal, JournalError
