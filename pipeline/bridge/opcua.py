@@ -40,7 +40,7 @@ from pipeline.bridge import certs
 from pipeline.bridge.model import CameraStatus, CommandResult, LineStatus, PlantCoil, PlantCommands, PlantDefect
 from pipeline.config import OpcUaConfig
 from pipeline.errors import StripinspectError
-from pipeline.service.ratelog import RateLimitedLog
+from pipeline.process import RateLimitedLog
 
 log = logging.getLogger("stripinspect.bridge.opcua")
 
