@@ -182,7 +182,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
     if args.opcua:
         from pipeline.bridge.certs import create_opcua_keys
 
-        create_opcua_keys(args.out, clients=args.clients)
+        create_opcua_keys(args.out, clients=args.clients, hostname=args.hostname)
         print(f"{args.out}: OPC UA server certificate and key, client certificates in {args.out / 'clients'}")
         print(f"set bridge.opcua.certs_dir: {args.out}; give each client its clients/<name>_cert.der and _key.pem")
         return 0
@@ -423,6 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
     ky.add_argument("--out", type=Path, default=None, help="keys folder to create")
     ky.add_argument("--clients", nargs="+", default=["plc"], help="names of client certificates to create")
     ky.add_argument("--opcua", action="store_true", help="X.509 certificates for the bridge's OPC UA server")
+    ky.add_argument(
+        "--hostname", default="127.0.0.1", help="with --opcua: the server's host name or address (certificate SAN)"
+    )
     ky.add_argument("--opcua-user", default=None, help="add or replace this OPC UA user (password on stdin)")
     ky.add_argument("--users-file", type=Path, default=None, help="with --opcua-user: bridge.opcua.users_file")
     ky.set_defaults(func=cmd_keys)
