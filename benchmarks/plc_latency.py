@@ -130,7 +130,11 @@ def opcua_client(url: str, pki: Path, client: str, *, user: str | None, password
     c._bench_security = (  # type: ignore[attr-defined]
         None
         if pki is None
-        else (SecurityPolicyBasic256Sha256, pki / "clients" / f"{client}_cert.der", pki / "clients" / f"{client}_key.pem")
+        else (
+            SecurityPolicyBasic256Sha256,
+            pki / "clients" / f"{client}_cert.der",
+            pki / "clients" / f"{client}_key.pem",
+        )
     )
     return c
 
@@ -178,15 +182,15 @@ class OpcUaEvents:
             await secure(c, self.pki / "server_cert.der")
             async with c:
                 ns = await c.get_namespace_index(NAMESPACE)
-                vs = c.get_node(ua.NodeId("VisionSystem", ns))
-                self._coil = (c.get_node(ua.NodeId("VisionSystem.CoilManagement", ns)), ns)
+                vs = c.get_node(ua.NodeId(ua.String("VisionSystem"), ns))
+                self._coil = (c.get_node(ua.NodeId(ua.String("VisionSystem.CoilManagement"), ns)), ns)
                 sub = await c.create_subscription(self.interval_ms, self)
-                await sub.subscribe_events(vs, c.get_node(ua.NodeId("ResultReadyEventType", ns)))
+                await sub.subscribe_events(vs, c.get_node(ua.NodeId(ua.String("ResultReadyEventType"), ns)))
                 policy = c.security_policy
                 self.security = f"{policy.URI.rsplit('#', 1)[-1]} {ua.MessageSecurityMode(policy.Mode).name}, user"
                 self._ready.set()
                 await self._stop.wait()
-        except BaseException as err:  # noqa: BLE001 - reported by the constructor or close()
+        except BaseException as err:
             self._error = err
             self._ready.set()
 
@@ -203,25 +207,317 @@ class OpcUaEvents:
         self._thread.join(15)
 
 
-async def try_connect(url: str, pki: Path | None, client: str, *, user: str | None, password: str | None) -> str | None:
-    """None when the session was let in (and browsing worked), else the error."""
+async def try_connect(
+    url: str, pki: Path | None, client: str, *, server_cert: Path, user: str | None, password: str | None
+) -> str | None:
+    """None when the session was let in (and browsing worked), else the error. ``pki``: where the
+    client's own certificate and key are (None: no security)."""
     c = opcua_client(url, pki, client, user=user, password=password)  # type: ignore[arg-type]
     try:
         if pki is not None:
-            await secure(c, pki / "server_cert.der")
+            await secure(c, server_cert)
         async with c:
             await c.get_namespace_index(NAMESPACE)
         return None
-    except Exception as err:  # noqa: BLE001 - a refusal comes as any of asyncua's errors
+    except Exception as err:
         return f"{type(err).__name__}: {err}"[:200]
 
 
 def refusals(url: str, pki: Path, rogue: Path) -> dict[str, str | None]:
     """Each unauthorised client's error (None: it was let in, a failure of the check)."""
+    server = pki / "server_cert.der"
     return {
-        "anonymous": asyncio.run(try_connect(url, pki, "plc", user=None, password=None)),
-        "wrong_password": asyncio.run(try_connect(url, pki, "plc", user=USER, password="not the password")),
-        "untrusted_certificate": asyncio.run(try_connect(url, rogue, "rogue", user=USER, password=PASSWORD)),
-        "no_encryption": asyncio.run(try_connect(url, None, "plc", user=USER, password=PASSWORD)),
-        "authorised": asyncio.run(try_connect(url, pki, "plc", user=USER, password=PASSWORD)),
+        "anonymous": asyncio.run(try_connect(url, pki, "plc", server_cert=server, user=None, password=None)),
+        "wrong_password": asyncio.run(
+            try_connect(url, pki, "plc", server_cert=server, user=USER, password="not the password")
+        ),
+        "untrusted_certificate": asyncio.run(
+            try_connect(url, rogue, "rogue", server_cert=server, user=USER, password=PASSWORD)
+        ),
+        "no_encryption": asyncio.run(try_connect(url, None, "plc", server_cert=server, user=USER, password=PASSWORD)),
+        "authorised": asyncio.run(try_connect(url, pki, "plc", server_cert=server, user=USER, password=PASSWORD)),
     }
+
+
+# --- Modbus --------------------------------------------------------------------------------
+
+
+class ModbusPoller:
+    """A PLC's polling loop on its own thread: the ring header every ``poll_ms``, then every new
+    slot by sequence number (docs/plant_modbus.md), each checked for the seq asked for."""
+
+    def __init__(self, *, port: int, unit: int, poll_ms: float) -> None:
+        from pymodbus.client import ModbusTcpClient
+
+        self.received: dict[int, float] = {}
+        self.missed = 0
+        self.polls = 0
+        self._c = ModbusTcpClient("127.0.0.1", port=port, timeout=2)
+        if not self._c.connect():
+            raise ConnectionError(f"Modbus: cannot connect to 127.0.0.1:{port}")
+        self.unit, self.poll_s = unit, poll_ms / 1000.0
+        self._halt = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _read(self, address: int, count: int) -> list[int]:
+        r = self._c.read_input_registers(address, count=count, device_id=self.unit)
+        if r.isError():
+            raise RuntimeError(f"Modbus read {address}+{count}: {r}")
+        return list(r.registers)
+
+    def _run(self) -> None:
+        from pipeline.bridge import registers as rm
+
+        ring = self._read(rm.IR_RING_SIZE, 1)[0]
+        last = rm.regs_u32(self._read(rm.IR_NEWEST_SEQ, 2))  # a PLC starts from what is there now
+        while not self._halt.wait(self.poll_s):
+            self.polls += 1
+            newest = rm.regs_u32(self._read(rm.IR_NEWEST_SEQ, 2))
+            seqs, missed = rm.ring_reads(last, newest, ring)
+            self.missed += missed
+            for s in seqs:
+                slot = rm.decode_slot(self._read(rm.slot_address(s, ring), rm.SLOT_SIZE))
+                if slot.seq == s:
+                    self.received.setdefault(s, time.time())
+                else:
+                    self.missed += 1
+            if seqs:
+                last = newest
+
+    def write_out_of_range(self) -> str | None:
+        """A PLC writing a width of 0 mm: the exception it gets (None: accepted, a failure)."""
+        from pipeline.bridge import registers as rm
+
+        r = self._c.write_register(rm.HR_WIDTH_MM, 0, device_id=self.unit)
+        return str(r) if r.isError() else None
+
+    def close(self) -> None:
+        self._halt.set()
+        self._thread.join(5)
+        self._c.close()
+
+
+# --- the run -------------------------------------------------------------------------------
+
+
+def daemon_alerts(journal: Path, since: float) -> list[tuple[int, float, dict[str, Any]]]:
+    """(seq, publish_time, header) of the alerts the daemon journaled from ``since`` on."""
+    if not journal.exists():
+        return []
+    with sqlite3.connect(f"file:{journal}?mode=ro", uri=True) as conn:
+        rows = conn.execute("SELECT seq, header FROM alerts ORDER BY seq").fetchall()
+    out = []
+    for seq, raw in rows:
+        h = json.loads(raw)
+        if float(h["publish_time"]) >= since:
+            out.append((int(seq), float(h["publish_time"]), h))
+    return out
+
+
+def bridge_numbers(state: Path) -> dict[int, int]:
+    """The daemon's alert seq -> bridge_seq, from the bridge journal (one camera)."""
+    with sqlite3.connect(f"file:{state}?mode=ro", uri=True) as conn:
+        rows = conn.execute("SELECT bridge_seq, body FROM defects").fetchall()
+    return {int(json.loads(b)["seq"]): int(s) for s, b in rows}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from pipeline.bridge.certs import add_user, create_opcua_keys
+    from pipeline.config import Config
+    from tests.pipeline.bridge.broker import start_broker
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    for old in [*work.glob("*.sqlite*"), *work.glob("bridge/*.sqlite*")]:
+        old.unlink()
+    cam = coil_cameras(
+        seed=args.seed,
+        strip_width=args.width,
+        cameras_per_side=1,
+        overlap_px=0,
+        mm_per_px=args.mm_per_px,
+        mm_per_line=args.mm_per_line,
+        rolls=Config().coil.rolls,
+    )[0]
+    bundle = fit_bundle_for(work, [cam], frame_lines=args.frame_lines, strip_width=args.width)
+    threshold = calibrate_threshold(bundle, [cam], frame_lines=args.frame_lines, strip_width=args.width)
+    pki, rogue = work / "pki", work / "rogue"
+    if not (pki / "server_cert.der").exists():
+        create_opcua_keys(pki, clients=["plc"])
+    if not (rogue / "server_cert.der").exists():
+        create_opcua_keys(rogue, clients=["rogue"])  # a client the bridge has never trusted
+    users = work / "users.txt"
+    add_user(users, USER, PASSWORD)
+    ports = {k: free_port() for k in ("pub", "control", "opcua", "modbus", "mqtt")}
+    url = f"opc.tcp://127.0.0.1:{ports['opcua']}/stripinspect/"
+    base_topic = "stripinspect/bench"
+    cfg = {
+        "synthetic": {"width": cam.width, "seed": cam.seed},
+        "runtime": {"onnx_threads": 1, "faiss_threads": 1},
+        "daemon": {
+            "bundle": str(bundle),
+            "camera_id": "cam0",
+            "side": cam.side,
+            "strip_edge_px": 0.0,
+            "frame_lines": args.frame_lines,
+            "overlap_lines": args.overlap_lines,
+            "mm_per_px": args.mm_per_px,
+            "mm_per_line": args.mm_per_line,
+            "threshold": threshold,
+            "min_area_px": 8,
+            "thumbnail_px": 0,
+            "heartbeat_s": 0.5,
+            "metrics_port": None,
+            "pub_endpoint": f"tcp://127.0.0.1:{ports['pub']}",
+            "control_endpoint": f"tcp://127.0.0.1:{ports['control']}",
+            "journal": {"path": str(work / "journal_cam0.sqlite"), "synchronous": "NORMAL"},
+            "source": {
+                "kind": "synthetic",
+                "block_lines": 128,
+                "line_rate_hz": args.line_rate,
+                "strip_width": args.width,
+                "defects_per_100_frames": args.defects_per_100_frames,
+            },
+        },
+        "bridge": {
+            "state_path": str(work / "bridge" / "bridge.sqlite"),
+            "status_port": None,
+            "reject": {"min_area_mm2": 50.0, "distance_m": 6.0},
+            "opcua": {
+                "endpoint": url,
+                "certs_dir": str(pki),
+                "users_file": str(users),
+                "publishing_interval_ms": args.opcua_interval_ms,
+            },
+            "modbus": {"port": ports["modbus"]},
+            "mqtt": {"port": ports["mqtt"], "base_topic": base_topic},
+        },
+    }
+    cfg_path = work / "plc.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+    logs = work / "logs"
+    logs.mkdir(exist_ok=True)
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    clients: list[Any] = []
+    broker = start_broker(work / "broker", port=ports["mqtt"])
+    t0 = time.monotonic()
+    try:
+        procs["daemon"] = start(["run", "--config", str(cfg_path), "--quiet"], logs / "daemon.log")
+        wait_port(ports["control"], procs["daemon"], logs / "daemon.log")
+        procs["bridge"] = start(["bridge", "--config", str(cfg_path), "--quiet"], logs / "bridge.log")
+        wait_port(ports["opcua"], procs["bridge"], logs / "bridge.log")
+        wait_port(ports["modbus"], procs["bridge"], logs / "bridge.log")
+        mqtt = MqttClient(port=ports["mqtt"], topic=f"{base_topic}/alert")
+        clients.append(mqtt)
+        opc = OpcUaEvents(url=url, pki=pki, interval_ms=args.opcua_interval_ms)
+        clients.append(opc)
+        modbus = ModbusPoller(port=ports["modbus"], unit=1, poll_ms=args.modbus_poll_ms)
+        clients.append(modbus)
+        opc.coil_start(COIL, GRADE)  # the plant starts the coil through OPC UA
+        time.sleep(1.0)  # the coil start reaches the daemon's next frame
+        ready = time.time()
+        journal = work / "journal_cam0.sqlite"
+        deadline = time.monotonic() + args.timeout_s
+        while len(daemon_alerts(journal, ready)) < args.alerts:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"fewer than {args.alerts} alerts within {args.timeout_s} s; see {logs}")
+            for name, p in procs.items():
+                if p.poll() is not None:
+                    raise RuntimeError(f"{name} exited with {p.returncode}; see {logs / (name + '.log')}")
+            time.sleep(0.5)
+        stop_at = time.time()
+        procs["daemon"].send_signal(signal.SIGTERM)  # no alerts after this; the clients settle
+        procs["daemon"].wait(30)
+        time.sleep(args.settle_s)
+        for c in clients:
+            c.close()
+        clients.clear()
+        wall = time.monotonic() - t0
+        refused = refusals(url, pki, rogue)
+        modbus_refused = ModbusPoller(port=ports["modbus"], unit=1, poll_ms=1000)
+        write_refused = modbus_refused.write_out_of_range()
+        modbus_refused.close()
+    finally:
+        for c in clients:
+            c.close()
+        for p in procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs.values():
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        broker.stop()
+
+    published = [a for a in daemon_alerts(work / "journal_cam0.sqlite", ready) if a[1] <= stop_at]
+    numbers = bridge_numbers(work / "bridge" / "bridge.sqlite")
+    want = {numbers.get(seq, -seq): t for seq, t, _ in published}  # -seq: never reached the bridge
+    out: dict[str, Any] = {"alerts_published": len(published), "latency_ms": {}}
+    for name, client in (("opcua", opc), ("modbus", modbus), ("mqtt", mqtt)):
+        got = [b for b in want if b in client.received]
+        out[f"{name}_received"] = len(got)
+        out["latency_ms"][name] = percentiles([client.received[b] - want[b] for b in got])
+    bad = {k: v for k, v in refused.items() if k != "authorised"}
+    out.update(
+        {
+            "opcua_security": opc.security,
+            "unauthenticated_rejected": all(v is not None for v in bad.values()) and refused["authorised"] is None,
+            "refusals": refused,
+            "modbus_write_refused": write_refused,
+            "modbus_missed": modbus.missed,
+            "modbus_poll_ms": args.modbus_poll_ms,
+            "opcua_interval_ms": args.opcua_interval_ms,
+            "coil_id": COIL,
+            "coil_on_alerts": sum(1 for _, _, h in published if h.get("coil_id") == COIL),
+            "bridge_log_tail": (logs / "bridge.log").read_text(encoding="utf-8", errors="replace")[-2000:],
+            "wall_s": wall,
+        }
+    )
+    return out
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", type=Path, default=None, help="write the results here")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/plc_latency"), help="bundle, journals, certificates, logs")
+    ap.add_argument("--alerts", type=int, default=40, help="alerts to publish once every client is subscribed")
+    ap.add_argument("--width", type=int, default=256, help="camera pixels across")
+    ap.add_argument("--mm-per-px", type=float, default=2.0)
+    ap.add_argument("--mm-per-line", type=float, default=2.0)
+    ap.add_argument("--frame-lines", type=int, default=512)
+    ap.add_argument("--overlap-lines", type=int, default=128)
+    ap.add_argument("--line-rate", type=float, default=1000.0, help="lines per second (wall clock)")
+    ap.add_argument("--defects-per-100-frames", type=float, default=150.0)
+    ap.add_argument("--modbus-poll-ms", type=float, default=5.0, help="the PLC's polling period")
+    ap.add_argument("--opcua-interval-ms", type=int, default=10, help="OPC UA publishing interval")
+    ap.add_argument("--settle-s", type=float, default=2.0, help="wait after the last alert before counting")
+    ap.add_argument("--seed", type=int, default=5)
+    ap.add_argument("--timeout-s", type=float, default=300.0)
+    return ap
+
+
+def main() -> None:
+    import logging
+
+    logging.getLogger("asyncua").setLevel(logging.ERROR)  # its per-connection warnings are not results
+    args = parser().parse_args()
+    out = run(args)
+    print(f"\n`python benchmarks/plc_latency.py {' '.join(sys.argv[1:])}`\n")
+    print("| client | received | of | p50 ms | p99 ms | max ms |\n|---|---|---|---|---|---|")
+    for name in ("opcua", "modbus", "mqtt"):
+        lat = out["latency_ms"][name]
+        cells = [f"{lat[k]:.1f}" if lat[k] is not None else "-" for k in ("p50", "p99", "max")]
+        print(f"| {name} | {out[name + '_received']} | {out['alerts_published']} | {' | '.join(cells)} |")
+    print(f"\nOPC UA security: {out['opcua_security']}; unauthenticated rejected: {out['unauthenticated_rejected']}")
+    for k, v in out["refusals"].items():
+        print(f"- {k}: {v or 'let in'}")
+    print(f"Modbus out-of-range write: {out['modbus_write_refused'] or 'ACCEPTED'}")
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(out, indent=2), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()

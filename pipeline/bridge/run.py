@@ -55,7 +55,7 @@ def build_sinks(cfg: Config, commands: PlantCommands) -> list[Sink]:
     if b.modbus.enabled:
         from pipeline.bridge.modbus import ModbusSink
 
-        sinks.append(ModbusSink(cfg=b.modbus, commands=commands, reject=b.reject))
+        sinks.append(ModbusSink(cfg=b.modbus, commands=commands, reject=b.reject, cameras=tuple(bridge_cameras(cfg))))
     if b.mqtt.enabled:
         from pipeline.bridge.mqtt import MqttSink
 
