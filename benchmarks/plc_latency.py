@@ -16,10 +16,15 @@ Latency: from the alert's ``publish_time`` (the daemon's PUB send, journal commi
 client's receipt (same clock, one machine). ``alerts_published``: alerts the daemon journaled
 after every client was subscribed; a client "received" one when its ``bridge_seq`` arrived.
 
+With ``--kill-bridge-after N`` the bridge is SIGKILLed after N alerts and started again
+``--down-s`` later (the alerts meanwhile are only in the daemon's journal): the MQTT subscriber,
+connected to the broker throughout, must still get every alert once (``mqtt_duplicates``); the
+OPC UA and Modbus sessions die with the bridge and are not counted in that mode.
+
 JSON keys: alerts_published, opcua_received, modbus_received, mqtt_received, latency_ms
 ({opcua, modbus, mqtt}: {p50, p99, max}), opcua_security, unauthenticated_rejected, plus
 refusals (each attempt and its error), coil_id, coil_on_alerts, modbus_write_refused,
-bridge_counters, wall_s.
+modbus_missed, mqtt_duplicates, bridge_killed, missing_at_bridge, wall_s.
 """
 
 from __future__ import annotations
@@ -91,6 +96,7 @@ class MqttClient:
         from paho.mqtt.enums import CallbackAPIVersion
 
         self.received: dict[int, float] = {}
+        self.duplicates = 0
         self._ready = threading.Event()
         self._c = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id="bench-historian")
         self._c.on_connect = lambda c, *_: c.subscribe(topic, qos=1)
@@ -104,6 +110,8 @@ class MqttClient:
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
         now = time.time()
         seq = int(json.loads(msg.payload)["bridge_seq"])
+        if seq in self.received:
+            self.duplicates += 1
         self.received.setdefault(seq, now)
 
     def close(self) -> None:
@@ -419,7 +427,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ready = time.time()
         journal = work / "journal_cam0.sqlite"
         deadline = time.monotonic() + args.timeout_s
+        killed = False
         while len(daemon_alerts(journal, ready)) < args.alerts:
+            kill_now = args.kill_bridge_after is not None and not killed
+            if kill_now and len(daemon_alerts(journal, ready)) >= args.kill_bridge_after:
+                # kill -9 mid-stream: the MQTT subscriber (on the broker) stays; the OPC UA and
+                # Modbus sessions die with the bridge and are not counted in this mode.
+                for c in (opc, modbus):
+                    c.close()
+                    clients.remove(c)
+                procs["bridge"].send_signal(signal.SIGKILL)
+                procs["bridge"].wait()
+                time.sleep(args.down_s)  # alerts go on into the daemon's journal meanwhile
+                procs["bridge"] = start(["bridge", "--config", str(cfg_path), "--quiet"], logs / "bridge.log")
+                wait_port(ports["modbus"], procs["bridge"], logs / "bridge.log")
+                killed = True
             if time.monotonic() > deadline:
                 raise RuntimeError(f"fewer than {args.alerts} alerts within {args.timeout_s} s; see {logs}")
             for name, p in procs.items():
@@ -456,8 +478,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     want = {numbers.get(seq, -seq): t for seq, t, _ in published}  # -seq: never reached the bridge
     out: dict[str, Any] = {"alerts_published": len(published), "latency_ms": {}}
     for name, client in (("opcua", opc), ("modbus", modbus), ("mqtt", mqtt)):
+        if killed and name != "mqtt":
+            out[f"{name}_received"], out["latency_ms"][name] = None, percentiles([])
+            continue
         got = [b for b in want if b in client.received]
         out[f"{name}_received"] = len(got)
+        # After a kill, latency includes the bridge's down time for what it caught up.
         out["latency_ms"][name] = percentiles([client.received[b] - want[b] for b in got])
     bad = {k: v for k, v in refused.items() if k != "authorised"}
     out.update(
@@ -467,6 +493,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "refusals": refused,
             "modbus_write_refused": write_refused,
             "modbus_missed": modbus.missed,
+            "mqtt_duplicates": mqtt.duplicates,
+            "bridge_killed": killed,
+            "missing_at_bridge": sorted(-b for b in want if b < 0),
             "modbus_poll_ms": args.modbus_poll_ms,
             "opcua_interval_ms": args.opcua_interval_ms,
             "coil_id": COIL,
@@ -493,6 +522,13 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--modbus-poll-ms", type=float, default=5.0, help="the PLC's polling period")
     ap.add_argument("--opcua-interval-ms", type=int, default=10, help="OPC UA publishing interval")
     ap.add_argument("--settle-s", type=float, default=2.0, help="wait after the last alert before counting")
+    ap.add_argument(
+        "--kill-bridge-after",
+        type=int,
+        default=None,
+        help="SIGKILL the bridge after this many alerts and start it again --down-s later (MQTT counted only)",
+    )
+    ap.add_argument("--down-s", type=float, default=3.0, help="seconds the killed bridge stays down")
     ap.add_argument("--seed", type=int, default=5)
     ap.add_argument("--timeout-s", type=float, default=300.0)
     return ap
@@ -510,6 +546,8 @@ def main() -> None:
         lat = out["latency_ms"][name]
         cells = [f"{lat[k]:.1f}" if lat[k] is not None else "-" for k in ("p50", "p99", "max")]
         print(f"| {name} | {out[name + '_received']} | {out['alerts_published']} | {' | '.join(cells)} |")
+    if out["bridge_killed"]:
+        print(f"\nbridge killed and restarted: MQTT duplicates {out['mqtt_duplicates']}")
     print(f"\nOPC UA security: {out['opcua_security']}; unauthenticated rejected: {out['unauthenticated_rejected']}")
     for k, v in out["refusals"].items():
         print(f"- {k}: {v or 'let in'}")

@@ -23,13 +23,15 @@ import zmq
 
 from pipeline.bridge.follow import CameraFollower, CoilServiceFollower
 from pipeline.bridge.journal import BridgeJournal
-from pipeline.bridge.model import STATES, CameraStatus, LineStatus, PlantCoil, PlantDefect, Sink
+from pipeline.bridge.model import STATES, CameraStatus, LineStatus, NotDeliveredError, PlantCoil, PlantDefect, Sink
 from pipeline.config import BridgeCameraConfig, BridgeCoilServiceConfig, RejectRuleConfig
+from pipeline.process import RateLimitedLog
 
 log = logging.getLogger("stripinspect.bridge")
 STATUS_PERIOD_S = 0.5  # the plant's heartbeat: a PLC watchdog sees the counter move twice a second
 STALE_HEARTBEATS = 3.0  # a camera silent this many of its heartbeat periods is "unknown"
 CATCH_UP_BATCH = 500
+RETRY_S = 0.5  # a protocol that could not take a defect is offered it again this much later
 
 
 def to_defect(h: dict[str, Any], bridge_seq: int, *, camera_id: str, reject: RejectRuleConfig) -> PlantDefect:
@@ -123,7 +125,7 @@ class Channel:
     last: int
     behind: bool = False  # messages were dropped at its full queue since it last caught up
     counts: dict[str, int] = field(
-        default_factory=lambda: {"delivered": 0, "dropped": 0, "caught_up": 0, "lost": 0, "errors": 0}
+        default_factory=lambda: {"delivered": 0, "dropped": 0, "caught_up": 0, "lost": 0, "errors": 0, "retries": 0}
     )
 
 
@@ -161,6 +163,7 @@ class Bridge:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.followers: list[CameraFollower | CoilServiceFollower] = []
         self.ready = asyncio.Event()
+        self._ratelog = RateLimitedLog(log, interval_s=10.0)
 
     # --- from the follower threads ----------------------------------------------------------
 
@@ -212,16 +215,27 @@ class Bridge:
             "followers": {getattr(f, "camera_id", "coil-service"): dict(f.counts) for f in self.followers},
         }
 
-    async def _deliver(self, ch: Channel, d: PlantDefect) -> None:
+    async def _deliver(self, ch: Channel, d: PlantDefect) -> bool:
+        """Give ``d`` to the protocol; False when it could not take it now (then it stays behind
+        and is offered ``d`` again from the journal ``RETRY_S`` later)."""
         try:
             await ch.sink.defect(d)
             ch.counts["delivered"] += 1
-        except Exception as err:
+        except NotDeliveredError as err:
+            ch.counts["retries"] += 1
+            ch.behind = True
+            self._ratelog.warning(
+                f"retry:{ch.sink.name}", "%s: defect %d offered again later: %s", ch.sink.name, d.bridge_seq, err
+            )
+            await asyncio.sleep(RETRY_S)
+            return False
+        except Exception as err:  # a protocol's fault must not stop the others
             ch.counts["errors"] += 1
             log.error("%s: defect %d not delivered: %r", ch.sink.name, d.bridge_seq, err)
         ch.last = d.bridge_seq
-        # NORMAL-synchronous-like cost: one small row; a kill -9 right here resends one defect.
+        # One small row; a kill -9 between the delivery and this commit resends one defect.
         await asyncio.to_thread(self.journal.delivered, ch.sink.name, d.bridge_seq)
+        return True
 
     async def _catch_up(self, ch: Channel, upto: int) -> None:
         """Give ``ch`` the defects after its last one up to ``upto`` from the journal."""
@@ -237,8 +251,9 @@ class Bridge:
             for d in batch:
                 if d.bridge_seq > ch.last + 1:
                     ch.counts["lost"] += d.bridge_seq - ch.last - 1
+                if not await self._deliver(ch, d):
+                    return
                 ch.counts["caught_up"] += 1
-                await self._deliver(ch, d)
 
     async def _work(self, ch: Channel) -> None:
         await self._catch_up(ch, self.journal.last_seq)  # what it had not delivered before a restart
@@ -255,7 +270,8 @@ class Bridge:
                         continue  # already given from the journal
                     if item.bridge_seq > ch.last + 1:
                         await self._catch_up(ch, item.bridge_seq - 1)
-                    await self._deliver(ch, item)
+                    if item.bridge_seq == ch.last + 1:
+                        await self._deliver(ch, item)
                 elif kind == "status":
                     await ch.sink.status(item)
                 elif kind == "coil":

@@ -113,6 +113,13 @@ class CommandResult:
     detail: dict[str, Any] = field(default_factory=dict)
 
 
+class NotDeliveredError(Exception):
+    """Raised by a sink's ``defect`` when its protocol cannot take the defect now (the broker is
+    unreachable, no acknowledgement came in time). The bridge does not count it as delivered: it
+    offers it again from its journal a little later, so nothing is lost while a protocol is down
+    and nothing waits in a protocol's own memory where a crash would lose it."""
+
+
 class PlantCommands(Protocol):
     """What a plant protocol may ask of the line. Blocking (ZeroMQ requests to the daemons' or
     the coil service's control sockets): an asyncio server calls them with ``asyncio.to_thread``."""
@@ -138,8 +145,10 @@ class PlantCommands(Protocol):
 
 class Sink(Protocol):
     """One plant protocol. The bridge calls these from its asyncio loop, one message at a time
-    per sink; ``defect`` returns once the protocol has the defect (sent, or in its registers),
-    and then the bridge records it as delivered by this sink (never sent again after a restart)."""
+    per sink; ``defect`` returns once the protocol has the defect (acknowledged by the broker, in
+    the registers, fired as an event), and then the bridge records it as delivered by this sink
+    (never sent again after a restart); it raises NotDeliveredError when the protocol cannot take
+    it now, and the bridge offers it again later."""
 
     name: str
 

@@ -16,17 +16,20 @@ import zmq
 
 from pipeline.bridge.core import Bridge, camera_status, line_status, to_defect
 from pipeline.bridge.journal import BridgeJournal
-from pipeline.bridge.model import LineStatus, PlantCoil, PlantDefect
+from pipeline.bridge.model import LineStatus, NotDeliveredError, PlantCoil, PlantDefect
 from pipeline.config import BridgeCameraConfig, RejectRuleConfig
 from tests.pipeline.bridge.conftest import make_defect
 from tests.pipeline.bridge.line import FakeLine
 
 
 class RecordingSink:
-    """A protocol that records what it is given; ``delay_s`` makes it slow."""
+    """A protocol that records what it is given; ``delay_s`` makes it slow; while ``down`` is set
+    it cannot take defects (a broker away)."""
 
     def __init__(self, name: str, delay_s: float = 0.0) -> None:
         self.name, self.delay_s = name, delay_s
+        self.down = threading.Event()
+        self.refused = 0
         self.defects: list[PlantDefect] = []
         self.statuses: list[LineStatus] = []
         self.coils: list[PlantCoil] = []
@@ -36,6 +39,9 @@ class RecordingSink:
         self.started = True
 
     async def defect(self, d: PlantDefect) -> None:
+        if self.down.is_set():
+            self.refused += 1
+            raise NotDeliveredError("broker away")
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
         self.defects.append(d)
@@ -307,4 +313,29 @@ def test_a_protocol_new_to_the_bridge_starts_at_the_journal_end(
         line.alert()
         wait_for(lambda: len(new.defects) == 1)
     assert new.defects[0].bridge_seq == 6
+    journal.close()
+
+
+def test_a_protocol_that_cannot_take_defects_gets_them_all_once_it_can(
+    tmp_path: Path, line: FakeLine, ctx: zmq.Context
+) -> None:
+    journal = BridgeJournal(path=tmp_path / "bridge.sqlite", keep=1000)
+    ok, away = RecordingSink("ok"), RecordingSink("away")
+    with running(make_bridge(line, journal, [ok, away], ctx, queue_size=4)) as bridge:
+        subscribed(line, bridge)
+        line.alert()
+        wait_for(lambda: len(away.defects) == 1)
+        away.down.set()
+        for _ in range(15):
+            line.alert()
+        wait_for(lambda: len(ok.defects) == 16, what="the protocol that is up")
+        wait_for(lambda: away.refused >= 2, what="refusals")
+        assert len(away.defects) == 1
+        away.down.clear()
+        wait_for(lambda: len(away.defects) == 16, what="the protocol back")
+        time.sleep(0.6)
+        counts = bridge.counters()["protocols"]["away"]
+    assert [d.bridge_seq for d in away.defects] == list(range(1, 17))
+    assert counts["retries"] == away.refused and counts["errors"] == 0
+    assert journal.sink_cursor("away") == 16
     journal.close()
