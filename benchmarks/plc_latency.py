@@ -47,8 +47,10 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
-from benchmarks.coil_line import calibrate_threshold, fit_bundle_for, free_port  # noqa: E402
+from coil_line import calibrate_threshold, fit_bundle_for, free_port  # noqa: E402
+
 from pipeline.acquisition.synthetic_coil import coil_cameras  # noqa: E402
 
 COIL = "24-PLC001"
