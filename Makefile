@@ -8,7 +8,7 @@ PIP := $(VENV)/bin/pip
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 # .ci/run adds genicam (after installing Aravis from Debian) so the camera test runs for real.
-EXTRAS ?= cpu,train,plant,dev
+EXTRAS ?= cpu,train,plant,ui,dev
 
 .PHONY: install demo test lint typecheck unit clean
 

@@ -404,6 +404,34 @@ class RecipeConfig(_Section):
     threshold: float | None = Field(default=None, gt=0, description="Pixel threshold; None = the bundle's.")
 
 
+class FeedbackConfig(_Section):
+    """Operator feedback the running model learns from (docs/operator.md)."""
+
+    max_rows: int = Field(
+        default=20_000, ge=0, le=10_000_000, description="Most normal patch rows the overlay may add to the bank."
+    )
+    max_score_ratio: float = Field(
+        default=2.0,
+        ge=1.0,
+        le=1000,
+        description="A false alarm whose max score is above this many times the threshold is refused: one "
+        "click must not blind the detector to a real defect.",
+    )
+    margin_px: int = Field(
+        default=16, ge=0, le=1024, description="Patches this far around a defect's box count as its region."
+    )
+    keep_alerts: int = Field(
+        default=2000, ge=1, le=1_000_000, description="Recent alerts whose region features are kept for feedback."
+    )
+    class_distance: float = Field(
+        default=0.35,
+        gt=0,
+        le=2.0,
+        description="Cosine distance beyond which a defect is 'unknown' rather than its nearest labelled class.",
+    )
+    class_neighbours: int = Field(default=3, ge=1, le=100, description="Labelled examples voting on a class.")
+
+
 class DaemonConfig(_Section):
     """The inspection daemon: frames, geometry, thresholds, sockets."""
 
@@ -506,6 +534,16 @@ class DaemonConfig(_Section):
     metrics_addr: str = Field(default="127.0.0.1", description="Address the metrics endpoint binds to.")
     publish_maps: bool = Field(
         default=False, description="Attach each frame's score map (valid rows, float16) to the frame message."
+    )
+    preview_px: int = Field(
+        default=0,
+        ge=0,
+        le=4096,
+        description="Attach a JPEG preview of each frame's valid rows, this many pixels wide, to the frame "
+        "message (the operator station's live view); 0 = none.",
+    )
+    feedback: FeedbackConfig = Field(
+        default_factory=FeedbackConfig, description="Operator feedback: false alarms, defect classes."
     )
     side: Literal["top", "bottom"] = Field(
         default="top", description="Strip surface this camera sees (coil records and reports keep sides apart)."
@@ -948,6 +986,36 @@ class BridgeConfig(_Section):
     )
 
 
+class UiConfig(_Section):
+    """`stripinspect ui`: the operator station in the browser (docs/operator.md)."""
+
+    host: str = Field(default="127.0.0.1", description="Address to bind; loopback unless TLS or allow_insecure_bind.")
+    port: int = Field(default=8080, ge=1, le=65535, description="HTTP(S) port.")
+    cameras: dict[str, BridgeCameraConfig] = Field(
+        default_factory=dict,
+        description="Camera daemons by camera_id; empty: the daemon of this config.",
+    )
+    coil_service: BridgeCoilServiceConfig | None = Field(
+        default=None, description="The coil service, for live grading, roll marks and closed coils."
+    )
+    coil_db: Path | None = Field(default=None, description="Coil records to browse (coil.db.path); None: none.")
+    reports_dir: Path | None = Field(default=None, description="Coil reports to download (coil.reports_dir).")
+    users_file: Path | None = Field(
+        default=None, description="Users, scrypt hashes and roles (`stripinspect ui-user`); required to start."
+    )
+    tokens_file: Path | None = Field(default=None, description="API tokens (hashed) with their role; None: none.")
+    session_secret_file: Path = Field(
+        default=Path("ui/session.key"), description="Key signing session cookies; made (0600) at first start."
+    )
+    session_max_age_s: int = Field(default=8 * 3600, ge=60, le=30 * 86400, description="Login lifetime.")
+    tls_cert: Path | None = Field(default=None, description="PEM certificate; with tls_key, serve HTTPS.")
+    tls_key: Path | None = Field(default=None, description="PEM private key of tls_cert.")
+    allow_insecure_bind: bool = Field(
+        default=False, description="Serve plain HTTP on an address other than loopback (a closed cell network)."
+    )
+    recent_alerts: int = Field(default=200, ge=1, le=100_000, description="Alerts the live page keeps.")
+
+
 class Config(_Section):
     """Root of config.yaml."""
 
@@ -961,6 +1029,7 @@ class Config(_Section):
     msp: MspConfig = Field(default_factory=MspConfig, description="Multi-scale patch encoder training.")
     coil: CoilConfig = Field(default_factory=CoilConfig, description="Coil service, proxy, grading, reports.")
     bridge: BridgeConfig = Field(default_factory=BridgeConfig, description="Plant interfaces: OPC UA, Modbus, MQTT.")
+    ui: UiConfig = Field(default_factory=UiConfig, description="The operator station.")
 
 
 class ConfigError(StripinspectError):
