@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
+import faiss
 import numpy as np
 
 from pipeline.config import RuntimeConfig, ScoringConfig
@@ -21,6 +22,7 @@ from pipeline.inference.bundle import (
 from pipeline.inference.embed import MIN_SIDE, EmbedderError, OnnxEmbedder
 from pipeline.inference.framescore import FrameScorer
 from pipeline.inference.knn import FaissIndex, KnnError
+from pipeline.inference.overlay import Overlay
 from pipeline.inference.resize import resize_to, scaled_hw
 from pipeline.inference.scoring import anomaly_map, max_window_mean, reweighted_image_score
 
@@ -96,6 +98,29 @@ class PatchCoreScorer:
         self.channels = manifest.input.channels
         self.scale = manifest.input.scale
         self.num_neighbors = min(scoring.num_neighbors, index.rows)
+        # Normal rows operators added (the overlay's false alarms), searched beside the bank; a
+        # new one is swapped in whole between two searches (an attribute write is atomic).
+        self.extra: faiss.Index | None = None
+        self.overlay: Overlay | None = None
+
+    def attach_overlay(self, *, folder: Path, max_rows: int) -> None:
+        """Open the overlay in ``folder`` (what operators taught this bundle; OverlayError when it
+        is broken) and score with its normal rows from now on; the daemon's feedback changes it."""
+        overlay = Overlay(folder=folder, dim=self.index.dim, max_rows=max_rows)
+        self.set_extra(overlay.normal_rows())
+        self.overlay = overlay
+
+    def set_extra(self, rows: np.ndarray) -> None:
+        """Search ``rows`` (float32 (n, D)) as part of the memory bank from the next search on;
+        n = 0 takes the additions away. Exact search: the overlay is small (a cap of rows)."""
+        if rows.ndim != 2 or rows.shape[1] != self.index.dim:
+            raise ValueError(f"extra rows must be (n, {self.index.dim}), got {rows.shape}")
+        if rows.shape[0] == 0:
+            self.extra = None
+            return
+        flat = faiss.IndexFlatL2(self.index.dim)
+        flat.add(np.ascontiguousarray(rows, dtype=np.float32))
+        self.extra = flat
 
     @classmethod
     def from_files(
@@ -164,7 +189,7 @@ class PatchCoreScorer:
     ) -> tuple[np.ndarray, float]:
         """Patch features (h, w, D) -> patch scores float32 (h, w) and the image score (eq. 7).
         ``rank``: which scores the approximate search must make exact (``FaissIndex.search``)."""
-        return nearest_patch_scores(self.index, feats, self.num_neighbors, rank=rank)
+        return nearest_patch_scores(self.index, feats, self.num_neighbors, rank=rank, extra=self.extra)
 
     def score_features(
         self, feats: np.ndarray, *, model_hw: tuple[int, int], out_hw: tuple[int, int], positional: bool = True
@@ -237,16 +262,21 @@ def nearest_patch_scores(
     num_neighbors: int,
     *,
     rank: Callable[[np.ndarray], np.ndarray] | None = None,
+    extra: faiss.Index | None = None,
 ) -> tuple[np.ndarray, float]:
     """Patch features (h, w, D) -> each patch's distance to its nearest bank row, float32 (h, w),
     and PatchCore's re-weighted image score (eq. 7). ``rank``: which scores the approximate
-    search must make exact (``FaissIndex.search``)."""
+    search must make exact (``FaissIndex.search``). ``extra``: rows added to the bank at run time
+    (the overlay), searched exactly; a patch's distance is to the nearer of the two."""
     gh, gw, dim = feats.shape
     flat = feats.reshape(-1, dim)
     if not np.isfinite(flat).all():
         # A broken model or input; faiss would abort the process on NaN distances.
         raise ValueError("patch features are not finite")
     dist, ids = index.search(flat, 1, rank=rank)
+    if extra is not None:
+        d2, _ = extra.search(np.ascontiguousarray(flat, dtype=np.float32), 1)
+        np.minimum(dist[:, 0], np.sqrt(np.maximum(d2[:, 0], 0.0)), out=dist[:, 0])
     patch = dist[:, 0].reshape(gh, gw)
     worst = int(np.argmax(dist[:, 0]))
     s_star = float(dist[worst, 0])

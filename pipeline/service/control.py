@@ -14,12 +14,13 @@ import zmq
 from pipeline.coil.tracking import CoilError, CoilTracker
 from pipeline.errors import StripinspectError
 from pipeline.process import RateLimitedLog
+from pipeline.service.feedback import Teacher
 from pipeline.service.health import Liveness
 from pipeline.service.slot import ModelSlot
 from pipeline.transport.journal import AlertJournal
 
 log = logging.getLogger("stripinspect.control")
-COMMANDS = "status, reload, recipe, replay, coil_start, coil_end, coil, stop"
+COMMANDS = "status, reload, recipe, replay, coil_start, coil_end, coil, false_alarm, label, overlay, overlay_undo, stop"
 POLL_S = 0.2  # the control loop comes round (beats, sees stop) at least this often
 
 
@@ -42,9 +43,10 @@ class Commands:
         coils: CoilTracker,
         status: Callable[[], dict[str, Any]],
         stop: Callable[[], None],
+        teacher: Teacher | None = None,
     ) -> None:
         self.slot, self.journal, self.replay_limit, self.coils = slot, journal, replay_limit, coils
-        self.status, self.stop = status, stop
+        self.status, self.stop, self.teacher = status, stop, teacher
 
     def handle(self, cmd: Any, req: dict[str, Any]) -> dict[str, Any]:
         if cmd == "status":
@@ -55,6 +57,8 @@ class Commands:
             return self.replay(req)
         if cmd in ("coil_start", "coil_end", "coil"):
             return self.coil(cmd, req)
+        if cmd in ("false_alarm", "label", "overlay", "overlay_undo"):
+            return self.feedback(cmd, req)
         if cmd == "stop":
             self.stop()
             return {"ok": True, "state": "stopping"}
@@ -66,6 +70,19 @@ class Commands:
                 return {"ok": False, "error": f"bundle must be a path (a string), got {bundle!r}"}
             return self.slot.reload(Path(bundle) if bundle else None)
         return {"ok": False, "error": f"unknown command {cmd!r}; known: {COMMANDS}"}
+
+    def feedback(self, cmd: str, req: dict[str, Any]) -> dict[str, Any]:
+        """The operator station's feedback on the model in force (docs/operator.md)."""
+        if self.teacher is None:
+            return {"ok": False, "error": "this daemon takes no feedback"}
+        scorer = self.slot.current.frame_scorer.scorer
+        if cmd == "false_alarm":
+            return self.teacher.false_alarm(req, scorer=scorer)
+        if cmd == "label":
+            return self.teacher.label(req)
+        if cmd == "overlay":
+            return self.teacher.describe(getattr(scorer, "overlay", None))
+        return self.teacher.undo(req, scorer=scorer)
 
     def coil(self, cmd: str, req: dict[str, Any]) -> dict[str, Any]:
         """Level 2's coil start and end (the plant bridge calls the same), and the coil state."""

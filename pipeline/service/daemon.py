@@ -27,6 +27,7 @@ from pipeline.process import RateLimitedLog, notify
 from pipeline.service.camera import CameraSupervisor
 from pipeline.service.control import POLL_S, BindError, Commands, ControlServer
 from pipeline.service.drift import DriftMonitor
+from pipeline.service.feedback import Teacher
 from pipeline.service.health import HealthLoop, Liveness, watchdog_period_s
 from pipeline.service.slot import ModelSlot
 from pipeline.service.stages import Flow, build_stages
@@ -106,6 +107,7 @@ class Daemon:
                 # Alert numbers continue across restarts: a subscriber never sees one number twice.
                 self.publisher.seq["alert"] = self.journal.last_seq
             self.coils = self._coil_tracker(cfg, coil_grades)
+            self.teacher = Teacher(cfg=cfg.feedback, camera_id=cfg.camera_id)
             commands = Commands(
                 slot=self.slot,
                 journal=self.journal,
@@ -113,6 +115,7 @@ class Daemon:
                 coils=self.coils,
                 status=lambda: self.snapshot(alerts=False),
                 stop=self.stop,
+                teacher=self.teacher,
             )
             self._control = ControlServer(
                 context=self._context, endpoint=cfg.control_endpoint, secure=secure, handle=commands.handle
@@ -162,6 +165,7 @@ class Daemon:
             drift=self.drift_monitor,
             heartbeat=self._heartbeat,
             drained=self._drained,
+            teacher=self.teacher,
             stats=stats,
             flow=flow,
         )

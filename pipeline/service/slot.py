@@ -19,6 +19,7 @@ from pipeline.config import DaemonConfig, RuntimeConfig, ScoringConfig
 from pipeline.errors import StripinspectError
 from pipeline.inference.backends import open_frame_scorer
 from pipeline.inference.framescore import AnyFrameScorer
+from pipeline.inference.overlay import overlay_dir
 from pipeline.postprocess.defects import per_column
 
 # What loading and warming up a bundle raises for a bad bundle, file or model (onnxruntime's own
@@ -167,6 +168,9 @@ class ModelSlot:
         # One frame of the real size before the first real one: onnxruntime sizes its arena
         # and picks kernels per input shape, which otherwise makes frame one twice as slow
         # and the p99 latency a start-up artefact.
+        attach = getattr(fs.scorer, "attach_overlay", None)
+        if attach is not None:  # PatchCore: what operators taught this bundle, kept beside it
+            attach(folder=overlay_dir(bundle), max_rows=cfg.feedback.max_rows)
         lines, width = cfg.frame_lines, self._width
         feats = fs.features(np.zeros((lines, width, fs.scorer.channels), dtype=np.uint8))
         patch, first, _ = fs.search_band(feats, valid=(0, lines), lines=lines)

@@ -29,10 +29,11 @@ from pipeline.acquisition.linescan import BadBlockError, LineAssembler
 from pipeline.acquisition.sources import Source
 from pipeline.coil.tracking import CoilEvent, CoilTracker
 from pipeline.config import DaemonConfig
-from pipeline.postprocess.defects import defect_thumbnail, extract_defects
+from pipeline.postprocess.defects import defect_thumbnail, extract_defects, frame_preview
 from pipeline.process import RateLimitedLog
 from pipeline.service.camera import CameraSupervisor
 from pipeline.service.drift import DriftMonitor
+from pipeline.service.feedback import Region, Teacher
 from pipeline.service.health import Liveness
 from pipeline.service.slot import Model, ModelSlot
 from pipeline.service.stats import Stats
@@ -71,6 +72,9 @@ class Scored:
     score_map: np.ndarray | None = None  # (valid rows, width) float32, only when maps are published
     edges: tuple[float, float] | None = None  # detected strip edges (columns), when tracked
     thumbnails: tuple[str, ...] | None = None  # one base64 PNG per defect, when daemon.thumbnail_px > 0
+    regions: tuple[Region, ...] = ()  # one per defect for feedback (PatchCore bundles), else empty
+    classes: tuple[tuple[str, float | None], ...] = ()  # (class, confidence) per defect, with regions
+    preview: bytes | None = None  # JPEG of the valid rows, daemon.preview_px wide, when asked for
 
 
 @dataclass(frozen=True)
@@ -247,11 +251,12 @@ class ScoreStage:
         in_flight: threading.Semaphore,
         edge_tracker: EdgeTracker,
         drift: DriftMonitor,
+        teacher: Teacher,
         stats: Stats,
         flow: Flow,
     ) -> None:
         self.slot, self.inp, self.upstream_done, self.out, self.done = slot, inp, upstream_done, out, done
-        self.in_flight, self.edge_tracker, self.drift = in_flight, edge_tracker, drift
+        self.in_flight, self.edge_tracker, self.drift, self.teacher = in_flight, edge_tracker, drift, teacher
         self.stats, self.flow = stats, flow
         self._ratelog = RateLimitedLog(log, interval_s=10.0)
 
@@ -310,8 +315,16 @@ class ScoreStage:
                 base64.b64encode(defect_thumbnail(item.pixels, d.box, side_px=cfg.thumbnail_px)).decode("ascii")
                 for d in defects
             )
+        scorer = model.frame_scorer.scorer
+        regions = self.teacher.regions(
+            item.features, defects, stride=getattr(scorer, "stride", 0), overlay=getattr(scorer, "overlay", None)
+        )
+        classes = tuple(self.teacher.classify(r) for r in regions)
         t3 = time.perf_counter()
         valid = amap[frame.valid_from : frame.valid_to]
+        preview = None
+        if cfg.preview_px:
+            preview = frame_preview(item.pixels[frame.valid_from : frame.valid_to], width=cfg.preview_px)
         self.drift.track(valid)
         self.stats.count("frames_scored_total")
         return Scored(
@@ -323,6 +336,9 @@ class ScoreStage:
             score_map=valid if cfg.publish_maps else None,
             edges=edges,
             thumbnails=thumbs,
+            regions=tuple(regions),
+            classes=classes,
+            preview=preview,
             seconds={**item.seconds, "knn": t1 - t0, "map": t2 - t1, "defects": t3 - t2},
         )
 
@@ -344,9 +360,11 @@ class PublishStage:
         heartbeat: Callable[[], dict[str, Any]],
         heartbeat_s: float,
         drained: Callable[[], None],
+        teacher: Teacher,
         stats: Stats,
         flow: Flow,
     ) -> None:
+        self.teacher = teacher
         self.publisher, self.journal, self.inp, self.upstream_done = publisher, journal, inp, upstream_done
         self.coils, self.side, self.mm_per_line = coils, side, mm_per_line
         self.heartbeat, self.heartbeat_s, self.drained = heartbeat, heartbeat_s, drained
@@ -385,13 +403,20 @@ class PublishStage:
         # start precedes its first alert in every camera's stream.
         for event in self.coils.events_through(f.first_line + f.valid_to - 1):
             self._publish_coil(event)
-        self._publish_alerts(f, item.defects, capture_md_m=item.end_md_m, thumbnails=item.thumbnails)
+        self._publish_alerts(f, item, capture_md_m=item.end_md_m)
         coil_id, coil_md = self.coils.locate(f.first_line + f.valid_from)
         parts: tuple[bytes, ...] = ()
         map_header: dict[str, Any] = {}
+        names: list[str] = []
         if item.score_map is not None:
-            parts = (item.score_map.astype("<f2").tobytes(),)
+            parts += (item.score_map.astype("<f2").tobytes(),)
+            names.append("map")
             map_header = {"map_shape": list(item.score_map.shape), "map_dtype": "float16 little-endian"}
+        if item.preview is not None:
+            parts += (item.preview,)
+            names.append("preview")
+        if names:
+            map_header["parts"] = names
         self.publisher.send(
             "frame",
             {
@@ -424,9 +449,8 @@ class PublishStage:
     def _publish_coil(self, event: CoilEvent) -> None:
         self.publisher.send("coil", {**event.body(mm_per_line=self.mm_per_line), "frame_id": None, "side": self.side})
 
-    def _publish_alerts(
-        self, frame: Frame, defects: list[Defect], *, capture_md_m: float, thumbnails: tuple[str, ...] | None
-    ) -> None:
+    def _publish_alerts(self, frame: Frame, item: Scored, *, capture_md_m: float) -> None:
+        defects, thumbnails = item.defects, item.thumbnails
         headers = []
         for i, d in enumerate(defects):
             coil_id, md = self.coils.locate(d.line)
@@ -438,6 +462,7 @@ class PublishStage:
             body["capture_md_m"] = md + (capture_md_m - d.md_m)
             body["journal"] = None if self.journal is None else self.journal.journal_id
             body["thumbnail_png"] = None if thumbnails is None else thumbnails[i]
+            body["class"], body["class_confidence"] = item.classes[i] if item.classes else ("unknown", None)
             headers.append(self.publisher.stamp("alert", body))
         if not headers:
             return
@@ -456,7 +481,9 @@ class PublishStage:
                 h["seq"] = self.publisher.seq["alert"] + i
             if self.journal is not None:
                 self.journal.last_seq = headers[-1]["seq"]
-        for h in headers:
+        for i, h in enumerate(headers):
+            if item.regions:
+                self.teacher.remember(h.get("journal"), int(h["seq"]), item.regions[i])
             self.publisher.send_stamped(h)
         with self._recent_lock:
             self._recent.extend(headers)
@@ -485,6 +512,7 @@ def build_stages(
     drift: DriftMonitor,
     heartbeat: Callable[[], dict[str, Any]],
     drained: Callable[[], None],
+    teacher: Teacher,
     stats: Stats,
     flow: Flow,
 ) -> Stages:
@@ -515,6 +543,7 @@ def build_stages(
         heartbeat=heartbeat,
         heartbeat_s=cfg.heartbeat_s,
         drained=drained,
+        teacher=teacher,
         stats=stats,
         flow=flow,
     )
@@ -527,6 +556,7 @@ def build_stages(
         in_flight=in_flight,
         edge_tracker=EdgeTracker(max_jump_px=cfg.max_edge_jump_px),
         drift=drift,
+        teacher=teacher,
         stats=stats,
         flow=flow,
     )
