@@ -110,7 +110,9 @@ class Overlay:
                 raise OverlayError(f"{path}: schema {doc.get('schema')!r}, this version reads {SCHEMA}")
             if doc.get("dim") != self.dim:
                 raise OverlayError(f"{path}: rows of dim {doc.get('dim')}, the bundle embeds {self.dim}")
-            entries = [OverlayEntry(**{**e, "label": e.pop("class")}) for e in doc["entries"]]
+            entries = [
+                OverlayEntry(**{k: v for k, v in e.items() if k != "class"}, label=e["class"]) for e in doc["entries"]
+            ]
             version = int(doc["version"])
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise OverlayError(f"{path}: unreadable overlay: {err}") from None
