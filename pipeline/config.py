@@ -363,6 +363,13 @@ class SourceConfig(_Section):
         "(circumference / mm per line; 9400 = a 1.5 m backup roll at 0.5 mm per line). None = no "
         "periodic roll mark.",
     )
+    benign_period_lines: int | None = Field(
+        default=None,
+        ge=64,
+        le=100_000_000,
+        description="Synthetic: a benign mark (an ink stamp: normal strip the model was not fitted on) printed "
+        "every this many lines at one column; never a planted defect. None = none.",
+    )
     strip_width: int | None = Field(
         default=None,
         ge=32,
@@ -411,7 +418,7 @@ class FeedbackConfig(_Section):
         default=20_000, ge=0, le=10_000_000, description="Most normal patch rows the overlay may add to the bank."
     )
     max_score_ratio: float = Field(
-        default=2.0,
+        default=4.0,
         ge=1.0,
         le=1000,
         description="A false alarm whose max score is above this many times the threshold is refused: one "

@@ -60,6 +60,10 @@ class SyntheticSource:
         if self._plan.roll_mark is not None:
             self._periodic.append(self._plan.roll_mark)
             self.planted.append(self._plan.roll_mark)
+        # Drawn, never in ``planted``: the benign mark is normal strip, not a defect.
+        self.benign = self._plan.benign
+        if self.benign is not None:
+            self._periodic.append(self.benign)
         # The clock starts at the first read (when the daemon starts acquiring), not here.
         self._t0: float | None = None
         self._delivered = 0
@@ -141,6 +145,7 @@ def defect_plan(cfg: SourceConfig, *, seed: int, strip_width: int, frame_lines: 
         frame_lines=frame_lines,
         per_frame=cfg.defects_per_100_frames / 100.0 if planting else 0.0,
         roll_period=cfg.roll_period_lines if planting else None,
+        benign_period=cfg.benign_period_lines,
     )
 
 

@@ -18,7 +18,7 @@ from typing import Literal
 import cv2
 import numpy as np
 
-DefectKind = Literal["scratch", "pit", "scale", "hole", "edge_crack", "roll_mark"]
+DefectKind = Literal["scratch", "pit", "scale", "hole", "edge_crack", "roll_mark", "stamp"]
 DEFECT_KINDS: tuple[DefectKind, ...] = ("scratch", "pit", "scale", "hole", "edge_crack", "roll_mark")
 
 _BLOCK = 64  # lines per noise block; noise is seeded per block so any window renders the same
@@ -34,7 +34,7 @@ class PlantedDefect:
     mark at every roll revolution from ``line`` on; ``seed`` fixes its shape.
     """
 
-    kind: DefectKind
+    kind: DefectKind  # "stamp" is no defect: a benign mark (ink stamp, label) printed on normal strip
     line: int
     col: int
     size: int
@@ -207,7 +207,15 @@ def default_edge_margin(width: int) -> int:
     return max(4, width // 24)
 
 
-_DELTA = {"scratch": -55.0, "pit": -75.0, "scale": -35.0, "hole": math.nan, "edge_crack": math.nan, "roll_mark": -28.0}
+_DELTA = {
+    "scratch": -55.0,
+    "pit": -75.0,
+    "scale": -35.0,
+    "hole": math.nan,
+    "edge_crack": math.nan,
+    "roll_mark": -28.0,
+    "stamp": 40.0,  # light ink on the steel
+}
 
 
 def _reach(d: PlantedDefect) -> int:
@@ -265,6 +273,12 @@ def _draw(strip: SyntheticStrip, d: PlantedDefect, reach: int) -> np.ndarray:
         for i in range(1, 6):
             crack.append((x0 + step * round(s * i / 5), y + int(rng.integers(-3, 4))))
         cv2.polylines(shape, [np.asarray(crack, dtype=np.int32)], False, 1, thickness=2)
+    elif d.kind == "stamp":
+        # An ink stamp: a frame with a cross and a bar, the same print every time.
+        half = s // 2
+        cv2.rectangle(shape, (x - half, y - half // 2), (x + half, y + half // 2), 1, thickness=2)
+        cv2.line(shape, (x - half, y - half // 2), (x + half, y + half // 2), 1, thickness=2)
+        cv2.line(shape, (x - half // 2, y + half // 4), (x + half // 2, y + half // 4), 1, thickness=2)
     else:  # roll_mark: a shallow dent printed by a damaged roll, once per revolution
         cv2.ellipse(shape, (x, y), (max(2, s // 2), max(2, s // 3)), 0.0, 0, 360, 1, -1)
     return shape
@@ -317,6 +331,7 @@ class DefectPlan:
         frame_lines: int,
         per_frame: float,
         roll_period: int | None,
+        benign_period: int | None = None,
     ) -> None:
         if frame_lines < 64:
             raise ValueError(f"frame_lines must be >= 64, got {frame_lines}")
@@ -342,7 +357,23 @@ class DefectPlan:
                 seed=int(rng.integers(1 << 30)),
                 period=roll_period,
             )
-        self._marks = [] if self.roll_mark is None else [self.roll_mark]
+        # A benign mark (an ink stamp) printed every ``benign_period`` lines: normal strip the model
+        # was not fitted on, so it raises false alarms until an operator says it is normal.
+        self.benign: PlantedDefect | None = None
+        if benign_period is not None:
+            if benign_period < 64:
+                raise ValueError(f"benign_period must be >= 64 lines, got {benign_period}")
+            rng = np.random.default_rng([seed, 0x57A3])
+            margin = max(40, width // 8)
+            self.benign = PlantedDefect(
+                kind="stamp",
+                line=first_line + int(rng.integers(96, 96 + min(benign_period, frame_lines))),
+                col=int(rng.integers(margin, width - margin)),
+                size=40,
+                seed=int(rng.integers(1 << 30)),
+                period=benign_period,
+            )
+        self._marks = [m for m in (self.roll_mark, self.benign) if m is not None]
         # The last defects planned (the roll mark first): a new one keeps clear of them.
         self._recent: list[PlantedDefect] = list(self._marks)
         self.planned_to = first_line

@@ -262,13 +262,28 @@ def classify(
     return best, round(share * (1.0 - closest / max_distance), 4)
 
 
+TOP_PATCHES = 3  # patches pooled into a defect's vector: its most anomalous ones
+
+
 def region_rows(
-    features: np.ndarray, box: tuple[int, int, int, int], *, stride: int, margin_px: int
+    features: np.ndarray,
+    box: tuple[int, int, int, int],
+    *,
+    stride: int,
+    margin_px: int,
+    patch_scores: np.ndarray | None = None,
+    first_row: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The patch features (h, w, D) of a frame under a defect's ``box`` (x, y, w, h, frame
     pixels): (every patch of the box grown by ``margin_px``, rows (n, D): what a false alarm adds
-    to the bank; the box's own patches pooled (mean, L2-normalised) to one (1, D) vector: what a
-    label stores and what classification compares)."""
+    to the bank; one pooled vector (1, D), L2-normalised: what a label stores and what
+    classification compares).
+
+    The pooled vector is the mean of the box's ``TOP_PATCHES`` highest-scoring patches
+    (``patch_scores`` (rows, w) from patch row ``first_row`` on), else of all its patches. A
+    detected box is the thresholded map's, wider than the defect (the map is smoothed): a small
+    pit's box is mostly normal strip, whose mean says little about the pit (on the synthetic
+    strip, 5-shot accuracy over six kinds: 0.66 with the box mean, 0.95 with the top 2 to 4)."""
     gh, gw, dim = features.shape
     x, y, w, h = box
 
@@ -281,6 +296,13 @@ def region_rows(
     grown = features[r0:r1, c0:c1].reshape(-1, dim)
     br0, br1 = span(y, y + h, gh)
     bc0, bc1 = span(x, x + w, gw)
-    inner = features[br0:br1, bc0:bc1].reshape(-1, dim).mean(axis=0)
-    pooled = inner / max(float(np.linalg.norm(inner)), 1e-12)
+    inner = features[br0:br1, bc0:bc1].reshape(-1, dim)
+    vector = inner.mean(axis=0)
+    if patch_scores is not None:
+        s0, s1 = max(0, br0 - first_row), min(patch_scores.shape[0], br1 - first_row)
+        if s1 > s0:
+            scores = patch_scores[s0:s1, bc0:bc1].reshape(-1)
+            rows = features[first_row + s0 : first_row + s1, bc0:bc1].reshape(-1, dim)
+            vector = rows[np.argsort(scores)[-TOP_PATCHES:]].mean(axis=0)
+    pooled = vector / max(float(np.linalg.norm(vector)), 1e-12)
     return np.ascontiguousarray(grown, np.float32), pooled[None].astype(np.float32)

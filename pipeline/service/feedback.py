@@ -25,6 +25,7 @@ from pipeline.inference.overlay import Overlay, OverlayError, classify, region_r
 from pipeline.transport.messages import Defect
 
 log = logging.getLogger("stripinspect.feedback")
+KNOWN_CLASS_CONFIDENCE = 0.5  # a false alarm this like a labelled defect class is refused
 
 
 @dataclass(frozen=True)
@@ -51,14 +52,20 @@ class Teacher:
 
     # --- the score stage ----------------------------------------------------------------------
 
-    def regions(self, features: Any, defects: list[Defect], *, stride: int, overlay: Overlay | None) -> list[Region]:
-        """Each defect's region from the frame's PatchCore features (h, w, D); none for the
-        learned-encoder bundles (feedback needs a PatchCore bank)."""
+    def regions(
+        self, features: Any, defects: list[Defect], *, stride: int, overlay: Overlay | None, band: Any, first_row: int
+    ) -> list[Region]:
+        """Each defect's region from the frame's PatchCore features (h, w, D) and its band's
+        patch scores (rows, w) from ``first_row``; none for the learned-encoder bundles (feedback
+        needs a PatchCore bank)."""
         if overlay is None or not isinstance(features, np.ndarray) or features.ndim != 3:
             return []
+        scores = band if isinstance(band, np.ndarray) and band.ndim == 2 else None
         out = []
         for d in defects:
-            rows, pooled = region_rows(features, d.box, stride=stride, margin_px=self.cfg.margin_px)
+            rows, pooled = region_rows(
+                features, d.box, stride=stride, margin_px=self.cfg.margin_px, patch_scores=scores, first_row=first_row
+            )
             out.append(Region(rows.astype(np.float16), pooled, d.max_score, d.threshold, overlay))
         return out
 
@@ -124,6 +131,14 @@ class Teacher:
                     f"alert {seq} scored {region.max_score:.3g}, {region.max_score / region.threshold:.1f}x its "
                     f"threshold (limit {self.cfg.max_score_ratio}x, daemon.feedback.max_score_ratio): a real "
                     "defect, not a false alarm; refused"
+                )
+            known, confidence = self.classify(region)
+            if known != "unknown" and (confidence or 0.0) >= KNOWN_CLASS_CONFIDENCE:
+                # A score rule cannot tell a strong benign mark from a real defect; the examples
+                # operators labelled can: what looks like one of them is no false alarm.
+                raise OverlayError(
+                    f"alert {seq} looks like the labelled class {known!r} (confidence {confidence:.2f}): a defect, "
+                    "not a false alarm; refused (undo that class's examples if they were wrong)"
                 )
             ov = region.overlay
             assert ov is not None

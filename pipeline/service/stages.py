@@ -317,7 +317,12 @@ class ScoreStage:
             )
         scorer = model.frame_scorer.scorer
         regions = self.teacher.regions(
-            item.features, defects, stride=getattr(scorer, "stride", 0), overlay=getattr(scorer, "overlay", None)
+            item.features,
+            defects,
+            stride=getattr(scorer, "stride", 0),
+            overlay=getattr(scorer, "overlay", None),
+            band=band,
+            first_row=first_row,
         )
         classes = tuple(self.teacher.classify(r) for r in regions)
         t3 = time.perf_counter()
