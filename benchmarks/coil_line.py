@@ -28,6 +28,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -167,6 +168,19 @@ def start(cmd: list[str], log: Path) -> subprocess.Popen[bytes]:
     out = open(log, "ab")  # noqa: SIM115 - the child keeps it
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.Popen([sys.executable, "-m", "stripinspect", *cmd], stdout=out, stderr=out, env=env, cwd=REPO)
+
+
+def stop_all(procs: Iterable[subprocess.Popen[bytes]], timeout_s: float = 20.0) -> None:
+    """SIGTERM to every process still running (they drain in parallel), then wait; kill a late one."""
+    procs = list(procs)
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            p.kill()
 
 
 def control(endpoint: str, msg: dict[str, Any], timeout_s: float = 5.0, patience_s: float = 30.0) -> dict[str, Any]:
@@ -327,14 +341,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         wall = time.monotonic() - t0
         time.sleep(1.0)  # the report is written right after the record closes
     finally:
-        for p in procs.values():
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs.values():
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_all(procs.values())
 
     # --- what was planted, what the record holds --------------------------------------------
     truth = []

@@ -49,7 +49,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from coil_line import calibrate_threshold, fit_bundle_for, free_port  # noqa: E402
+from coil_line import calibrate_threshold, fit_bundle_for, free_port, stop_all  # noqa: E402
 
 from pipeline.acquisition.synthetic_coil import coil_cameras  # noqa: E402
 
@@ -465,14 +465,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         for c in clients:
             c.close()
-        for p in procs.values():
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs.values():
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_all(procs.values())
         broker.stop()
 
     published = [a for a in daemon_alerts(work / "journal_cam0.sqlite", ready) if a[1] <= stop_at]

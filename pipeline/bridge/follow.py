@@ -28,6 +28,17 @@ POLL_MS = 100
 FIRST_RUN = 2**62  # a replay "after" this returns no alerts, only the journal's id and last number
 
 
+def subscriber(context: zmq.Context, pub: str, topics: tuple[str, ...]) -> zmq.Socket:
+    """A SUB socket on ``pub`` for ``topics``, deep enough for a burst (the follower is quick)."""
+    sock = context.socket(zmq.SUB)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVHWM, 100_000)
+    for t in topics:
+        sock.setsockopt(zmq.SUBSCRIBE, t.encode())
+    sock.connect(pub)
+    return sock
+
+
 class NoJournalError(RuntimeError):
     """The daemon keeps no alert journal (``daemon.journal.path`` null): live alerts only."""
 
@@ -117,12 +128,7 @@ class CameraFollower:
     # --- the loop ----------------------------------------------------------------------------
 
     def run(self, stop: threading.Event) -> None:
-        sock = self.context.socket(zmq.SUB)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.RCVHWM, 100_000)
-        for t in ("alert", "heartbeat", "coil"):
-            sock.setsockopt(zmq.SUBSCRIBE, t.encode())
-        sock.connect(self.pub)
+        sock = subscriber(self.context, self.pub, ("alert", "heartbeat", "coil"))
         try:
             while not stop.is_set():
                 if not sock.poll(POLL_MS):
@@ -182,11 +188,7 @@ class CoilServiceFollower:
         self.counts = {"messages": 0, "bad_messages": 0}
 
     def run(self, stop: threading.Event) -> None:
-        sock = self.context.socket(zmq.SUB)
-        sock.setsockopt(zmq.LINGER, 0)
-        for t in ("grading", "periodic", "coil_closed"):
-            sock.setsockopt(zmq.SUBSCRIBE, t.encode())
-        sock.connect(self.pub)
+        sock = subscriber(self.context, self.pub, ("grading", "periodic", "coil_closed"))
         try:
             while not stop.is_set():
                 if not sock.poll(POLL_MS):
