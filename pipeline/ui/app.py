@@ -19,7 +19,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, unquote
+from urllib.parse import quote
 
 import jinja2
 import zmq
@@ -437,9 +437,9 @@ def past_thumb(request: Request) -> Response:
 
 
 def _alert_of(request: Request) -> AlertView | None:
-    p = request.path_params
-    journal = unquote(p["journal"])
-    return station_of(request).state.alert(unquote(p["camera"]), None if journal == "-" else journal, p["seq"])
+    p = request.path_params  # decoded already: no unquoting again
+    journal = p["journal"]
+    return station_of(request).state.alert(p["camera"], None if journal == "-" else journal, p["seq"])
 
 
 async def defect_page(request: Request) -> Response:
@@ -813,12 +813,14 @@ def build_app(station: Station, *, secret: str) -> Starlette:
         Route("/logout", logout, methods=["POST"]),
         Route("/", live_page),
         Route("/coil", coil_page),
-        Route("/coils/{coil_id}", past_coil_page),
-        Route("/coils/{coil_id}/file/{name}", past_file),
-        Route("/coils/{coil_id}/thumb/{defect_id:int}", past_thumb),
-        Route("/defect/{camera}/{journal}/{seq:int}", defect_page),
-        Route("/alert/{camera}/{journal}/{seq:int}/thumb.png", alert_thumb),
-        Route("/alert/{camera}/{journal}/{seq:int}/heat.png", alert_heat),
+        # Coil IDs come from Level 2 and journal IDs from the daemons: either may hold a '/',
+        # which arrives decoded in the path, hence the path converters (the longer routes first).
+        Route("/coils/{coil_id:path}/file/{name}", past_file),
+        Route("/coils/{coil_id:path}/thumb/{defect_id:int}", past_thumb),
+        Route("/coils/{coil_id:path}", past_coil_page),
+        Route("/defect/{camera}/{journal:path}/{seq:int}", defect_page),
+        Route("/alert/{camera}/{journal:path}/{seq:int}/thumb.png", alert_thumb),
+        Route("/alert/{camera}/{journal:path}/{seq:int}/heat.png", alert_heat),
         Route("/overlay", overlay_page),
         Route("/action/false_alarm", act_false_alarm, methods=["POST"]),
         Route("/action/label", act_label, methods=["POST"]),

@@ -64,6 +64,15 @@ def test_pages_need_a_login_and_remember_where_to_return(line: Running) -> None:
     assert c.get("/coil").status == 200
 
 
+def test_journal_ids_with_slashes_and_spaces_reach_their_pages(line: Running) -> None:
+    h = _alert(line, journal="j/2 x")
+    c = Client(line.url)
+    c.login("vi")
+    assert f'href="/defect/cam0/j%2F2%20x/{h["seq"]}"' in c.get("/").text
+    assert c.get(f"/defect/cam0/j%2F2%20x/{h['seq']}").status == 200
+    assert c.get(f"/defect/cam0/j%2F2%20y/{h['seq']}").status == 404
+
+
 def test_the_session_cookie_is_httponly_strict_and_signed(line: Running) -> None:
     c = Client(line.url)
     c.login("op")
@@ -355,3 +364,58 @@ def test_coil_page_draws_the_live_coil_and_the_coil_service_results(line: Runnin
     assert 'href="/defect/cam0/j-test/3"' in page
     frag = c.get("/fragments/coil")
     assert frag.status == 200 and frag.text.count('class="defect"') == 3
+
+
+def test_past_coils_their_map_thumbnails_and_report_files(context: zmq.Context, tmp_path: Path) -> None:
+    import cv2
+
+    from pipeline.coil.model import CoilDefect, CoilInfo
+    from pipeline.coil.records import CoilRecords
+    from pipeline.coil.service import safe_name
+
+    db, reports = tmp_path / "coils" / "coils.sqlite", tmp_path / "reports"
+    ok, png = cv2.imencode(".png", np.full((16, 16), 90, np.uint8))
+    assert ok
+    with CoilRecords(path=db, synchronous="NORMAL") as records:
+        now = time.time()  # records older than coil.db.max_age_days are pruned at close
+        records.open_coil(CoilInfo(coil_id="24/A 1", grade="DC04", head_line=0, width_mm=1250.0), started_utc=now)
+        d = CoilDefect("24/A 1", "top", 12.0, 300.0, 10.0, 4.0, 30.0, 3.0, ("cam0",), ())
+        stored = records.add_defect(d, camera="cam0", seq=1, merge_mm=10.0, thumbnail_png=png.tobytes())
+        assert stored is not None
+        g = Grading("DC04", "scrap", (RuleOutcome("size", 900.0, 500.0, True, "scrap"),), True)
+        records.set_results("24/A 1", families=(), grading=g)
+        records.close_coil("24/A 1", tail_line=100_000, length_m=50.0, ended_utc=now + 60)
+    folder = reports / safe_name("24/A 1")
+    folder.mkdir(parents=True)
+    (folder / "report.pdf").write_bytes(b"%PDF-1.4 fake")
+    (tmp_path / "secret.txt").write_text("not for the station")
+    d0 = FakeDaemon(context=context)
+    try:
+        with running_station(tmp_path, context=context, daemons=[d0], coil_db=db, reports_dir=reports) as r:
+            c = Client(r.url)
+            c.login("vi")
+            listing = c.get("/coil").text
+            assert 'href="/coils/24%2FA%201"' in listing and "scrap" in listing
+            assert 'href="/coils/24%2FA%201/file/report.pdf"' in listing and "map.png" not in listing
+            page = c.get("/coils/24%2FA%201")
+            assert page.status == 200 and "SCRAP" in page.text and page.text.count('class="defect"') == 1
+            href = f"/coils/24%2FA%201/thumb/{stored.defect_id}"
+            assert f'href="{href}"' in page.text
+            thumb = c.get(href)
+            assert thumb.status == 200 and thumb.body == png.tobytes()
+            pdf = c.get("/coils/24%2FA%201/file/report.pdf")
+            assert pdf.status == 200 and pdf.body == b"%PDF-1.4 fake"
+            assert "attachment" in pdf.headers["content-disposition"]
+            assert c.get("/coils/24%2FA%201/file/map.png").status == 404  # not written
+            assert c.get("/coils/24%2FA%201/file/..%2F..%2Fsecret.txt").status == 404
+            assert c.get("/coils/..%2Fsecret.txt/file/report.pdf").status == 404
+            assert c.get("/coils/nope").status == 404
+    finally:
+        d0.close()
+
+
+def test_without_coil_records_the_coil_page_says_so(line: Running) -> None:
+    c = Client(line.url)
+    c.login("vi")
+    page = c.get("/coil").text
+    assert "ui.coil_db is not set" in page
