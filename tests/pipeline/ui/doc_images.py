@@ -187,7 +187,9 @@ def main(out: Path) -> None:
                 ec.visibility_of_element_located((By.CSS_SELECTOR, ".frame-view.show-overlay img.overlay"))
             )
             time.sleep(0.5)
+            driver.set_window_size(1500, 820)  # frames and the latest alerts, no empty page below
             screenshot(driver, out / "ui_live.png")
+            driver.set_window_size(1500, 980)
             driver.get(r.url + "/coil")
             wait(driver).until(ec.presence_of_element_located((By.CSS_SELECTOR, "svg.coilmap circle.defect")))
             time.sleep(0.3)
