@@ -62,6 +62,7 @@ KEEPALIVE_S = 15.0
 CLASSES_TTL_S = 10.0
 MAX_CLASS_LEN = 64
 SESSION_COOKIE = "stripinspect_session"
+MAX_BODY = 64 * 1024  # the largest form or JSON body a request may carry
 # Only this origin: scripts, styles, images (thumbnails come as PNG from here), the event stream.
 CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
@@ -372,7 +373,9 @@ def _past_list(st: Station) -> tuple[list[Any], str | None]:
         return [], "ui.coil_db is not set: no coil records to browse."
     records = st.past.records()
     if records is None:
-        return [], f"No coil records at {st.past.db} yet."
+        if st.past.db.exists():
+            return [], f"The coil records at {st.past.db} cannot be opened (the station's log says why)."
+        return [], f"No coil records at {st.past.db} yet (the coil service makes them)."
     try:
         return [(r, st.past.report_files(r.info.coil_id)) for r in records.coils(limit=st.settings.past_coils)], None
     except RecordsError as err:
@@ -623,9 +626,8 @@ def _sse(kind: str, data: dict[str, Any]) -> str:
 
 
 async def events(request: Request) -> Response:
-    ident = api_user(request)
+    api_user(request)
     st = station_of(request)
-    started = request.session.get("t") if ident.via == "session" else None
     sub = st.hub.subscribe(asyncio.get_running_loop())
 
     async def stream() -> AsyncIterator[str]:
@@ -635,8 +637,10 @@ async def events(request: Request) -> Response:
                 batch = await sub.get(KEEPALIVE_S)
                 if batch.closed:
                     return
-                if isinstance(started, int | float) and time.time() - started > st.settings.session_max_age_s:
-                    return  # the login expired: the browser reconnects, is refused, and goes to the login page
+                if identify(request) is None:
+                    # Logged out, expired, removed or the token revoked since the stream began: the
+                    # browser reconnects, is refused, and goes to the login page.
+                    return
                 if batch.lost:
                     yield _sse("lost", {"lost": batch.lost})
                 for u in batch.updates:
@@ -760,6 +764,35 @@ async def on_http_error(request: Request, exc: Exception) -> Response:
     return render(request, "error.html", ident, status=exc.status_code, code=exc.status_code, detail=exc.detail)
 
 
+class BodyLimit:
+    """Requests carry small forms: a body over ``limit`` bytes is refused (413) before anything
+    reads it, or cut off where no length was given, so nobody fills the memory with one POST."""
+
+    def __init__(self, app: ASGIApp, *, limit: int = MAX_BODY) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope.get("headers", [])).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            await PlainTextResponse("request body too large\n", status_code=413)(scope, receive, send)
+            return
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    return {"type": "http.disconnect"}
+            return message
+
+        await self.app(scope, counted, send)
+
+
 class SecurityHeaders:
     """Headers on every response: only this origin's scripts, no framing, no sniffing."""
 
@@ -843,6 +876,7 @@ def build_app(station: Station, *, secret: str) -> Starlette:
         routes=routes,
         middleware=[
             Middleware(SecurityHeaders, tls=s.tls),
+            Middleware(BodyLimit),
             Middleware(
                 SessionMiddleware,
                 secret_key=secret,

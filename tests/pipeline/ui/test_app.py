@@ -96,6 +96,14 @@ def test_a_wrong_password_or_user_is_refused_after_a_delay(line: Running) -> Non
     assert c.get("/").status == 303
 
 
+def test_large_bodies_are_refused_before_anyone_reads_them(line: Running) -> None:
+    c = Client(line.url)
+    token = c.csrf("/login")
+    r = c.post("/login", {"user": "op", "password": "x" * 70_000, "csrf": token})
+    assert r.status == 413
+    assert line.station.limiter.retry_after("127.0.0.1") == 0  # not even counted as a login
+
+
 def test_failed_logins_are_limited_per_client(line: Running) -> None:
     c = Client(line.url)
     for _ in range(line.station.limiter.max_failures):
@@ -170,7 +178,7 @@ def test_the_event_stream_delivers_alerts_frames_and_heartbeats(line: Running) -
     d = line.daemons["cam0"]
     d.alert(md_m=33.5)
     d.heartbeat()
-    events: dict[str, dict[str, object]] = {}
+    events: dict[str, dict[str, Any]] = {}
     deadline = time.monotonic() + 10
     kind = None
     while time.monotonic() < deadline and not {"alert", "camera"} <= set(events):
@@ -179,9 +187,18 @@ def test_the_event_stream_delivers_alerts_frames_and_heartbeats(line: Running) -
             kind = raw[7:]
         elif raw.startswith("data: ") and kind:
             events[kind] = json.loads(raw[6:])
-    conn.close()
     assert events["alert"]["md_m"] == 33.5 and events["alert"]["path"] == "cam0/j-test/1"
     assert events["camera"]["state"] == "running"
+    # Logged out elsewhere (another tab): the open stream ends with the next update.
+    c.post("/logout", {"csrf": c.csrf("/")})
+    d.heartbeat()
+    # The raw chunked stream, line by line, to its last chunk (size 0); the socket timeout guards it.
+    rest = []
+    while (raw_line := resp.fp.readline()) not in (b"0\r\n", b""):
+        rest.append(raw_line)
+    conn.close()
+    assert raw_line == b"0\r\n" and b"event: camera\n" not in rest
+    wait_for(lambda: line.station.hub.clients == 0, what="the stream's subscription to end")
 
 
 def test_a_viewer_gets_no_action_buttons_and_403_on_the_actions(line: Running) -> None:
