@@ -194,10 +194,16 @@ def main(out: Path) -> None:
             wait(driver).until(ec.presence_of_element_located((By.CSS_SELECTOR, "svg.coilmap circle.defect")))
             time.sleep(0.3)
             screenshot(driver, out / "ui_coil.png", full_page=True)
+            # The defect page of the latest frame's hottest alert, with its heat-map crop.
+            hottest = max(r.station.state.alerts(), key=lambda a: (a.frame_id == r.daemons["cam0"].frame_id, a.ratio))
+            driver.get(f"{r.url}/defect/{hottest.path}")
+            wait(driver).until(ec.presence_of_element_located((By.ID, "heat-crop")))
+            driver.set_window_size(1500, 760)
+            screenshot(driver, out / "ui_defect.png")
         finally:
             driver.quit()
     context.term()
-    print(f"wrote {out / 'ui_live.png'} and {out / 'ui_coil.png'}")
+    print(f"wrote {out / 'ui_live.png'}, {out / 'ui_coil.png'} and {out / 'ui_defect.png'}")
 
 
 if __name__ == "__main__":
