@@ -1,5 +1,5 @@
-"""Following the line: one thread per camera daemon and one for the coil service, each feeding
-``LineState`` and handing its updates to the ``Hub``.
+"""Following the line: one thread per camera daemon (or per endpoint cameras share: the proxy)
+and one for the coil service, each feeding ``LineState`` and handing its updates to the ``Hub``.
 
 The station shows live state only, so there is no journal recovery here (the coil records and
 the bridge do that): a message lost is counted as a gap in ``seq`` and the page says so.
@@ -47,18 +47,23 @@ class Line:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._ratelog = RateLimitedLog(log, interval_s=10.0)
-        self.counts = {"messages": 0, "bad_messages": 0}
+        self.counts = {"messages": 0, "bad_messages": 0, "other_cameras": 0}
         self._counts_lock = threading.Lock()
 
     def start(self) -> None:
         if self._threads:
             raise RuntimeError("the line followers are running already")
+        # One follower per endpoint: a camera daemon's own PUB (one camera), or the proxy's XPUB
+        # that several cameras share (each message then goes to the camera its header names).
+        by_pub: dict[str, list[str]] = {}
         for cid, cam in self.cameras.items():
-            self._spawn(f"stripinspect-ui-{cid}", self._follow_camera, (cid, cam.pub))
+            by_pub.setdefault(cam.pub, []).append(cid)
+        for pub, cids in by_pub.items():
+            self._spawn(f"stripinspect-ui-{'+'.join(cids)}", self._follow_cameras, (frozenset(cids), pub))
         if self.coil_service is not None:
             self._spawn("stripinspect-ui-coil-service", self._follow_coil_service, (self.coil_service.pub,))
 
-    def _spawn(self, name: str, target: Callable[..., None], args: tuple[str, ...]) -> None:
+    def _spawn(self, name: str, target: Callable[..., None], args: tuple[object, ...]) -> None:
         t = threading.Thread(target=target, args=args, name=name, daemon=True)
         t.start()
         self._threads.append(t)
@@ -86,7 +91,7 @@ class Line:
         with self._counts_lock:
             self.counts[key] += 1
 
-    def _follow_camera(self, camera_id: str, pub: str) -> None:
+    def _follow_cameras(self, camera_ids: frozenset[str], pub: str) -> None:
         frames = self._sub(pub, ("frame",), FRAME_HWM)
         events = self._sub(pub, ("alert", "heartbeat", "coil"), EVENT_HWM)
         poller = zmq.Poller()
@@ -98,19 +103,28 @@ class Line:
                 # Alerts first: a frame's alerts precede it, and its heat-map crops need them.
                 for sock in (events, frames):
                     if sock in ready:
-                        self._take_camera(camera_id, sock.recv_multipart(zmq.NOBLOCK))
+                        self._take_camera(camera_ids, sock.recv_multipart(zmq.NOBLOCK))
         finally:
             frames.close(0)
             events.close(0)
 
-    def _take_camera(self, camera_id: str, parts: list[bytes]) -> None:
+    def _take_camera(self, camera_ids: frozenset[str], parts: list[bytes]) -> None:
         self._count("messages")
         try:
             topic, header, binary = decode(parts)
-            updates = self.state.on_camera(camera_id, topic, header, binary, now=time.monotonic())
-        except (KeyError, TypeError, ValueError, UnicodeDecodeError) as err:
+        except (ValueError, UnicodeDecodeError) as err:
             self._count("bad_messages")
-            self._ratelog.warning(f"bad:{camera_id}", "%s: message skipped: %r", camera_id, err)
+            self._ratelog.warning(f"bad:{'+'.join(sorted(camera_ids))}", "message skipped: %r", err)
+            return
+        camera_id = header.get("camera_id")
+        if camera_id not in camera_ids:
+            self._count("other_cameras")  # a camera of the proxy's that ui.cameras does not list
+            return
+        try:
+            updates = self.state.on_camera(camera_id, topic, header, binary, now=time.monotonic())
+        except (KeyError, TypeError, ValueError) as err:
+            self._count("bad_messages")
+            self._ratelog.warning(f"bad:{camera_id}", "%s: %s message skipped: %r", camera_id, topic, err)
             return
         self._publish(updates)
 

@@ -96,3 +96,46 @@ def test_the_cameras_must_be_the_states(context: zmq.Context) -> None:
             hub=Hub(queue_size=1),
             context=context,
         )
+
+
+def test_cameras_behind_the_proxy_share_one_follower(context: zmq.Context) -> None:
+    from pipeline.coil.proxy import StreamProxy
+
+    cams = [FakeDaemon(context=context, camera_id=c) for c in ("cam0", "cam1", "cam2")]
+    proxy = StreamProxy(context=context, cameras=[d.pub.endpoint for d in cams], endpoint="tcp://127.0.0.1:*")
+    proxy.start()
+    # The station shows cam0 and cam1; cam2 goes through the same proxy to others.
+    state = LineState(cameras=["cam0", "cam1"], recent_alerts=50, stale_s=3.0)
+    line = Line(
+        cameras={
+            c: BridgeCameraConfig(pub=proxy.endpoint, control=cams[i].control) for i, c in enumerate(("cam0", "cam1"))
+        },
+        coil_service=None,
+        state=state,
+        hub=Hub(queue_size=10),
+        context=context,
+    )
+    line.start()
+    try:
+        assert len(line._threads) == 1
+
+        def all_seen() -> bool:
+            for d in cams:
+                d.heartbeat()
+            time.sleep(0.02)
+            return (
+                all(p.view is not None for p in state.panels(now=time.monotonic())) and line.counts["other_cameras"] > 0
+            )
+
+        wait_for(all_seen, what="both cameras through the proxy")
+        cams[1].alert(md_m=5.5)
+        cams[2].alert(md_m=6.5)
+        wait_for(lambda: len(state.alerts()) == 1, what="cam1's alert")
+        time.sleep(0.1)
+        assert [(a.camera_id, a.md_m) for a in state.alerts()] == [("cam1", 5.5)]
+        assert line.counts["bad_messages"] == 0
+    finally:
+        line.stop()
+        proxy.stop()
+        for d in cams:
+            d.close()
