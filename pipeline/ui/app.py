@@ -241,7 +241,11 @@ def render(request: Request, name: str, ident: Identity | None, status: int = 20
         "page": name.removesuffix(".html"),
         "cameras": list(station_of(request).settings.controls),
     }
-    response: HTMLResponse = TEMPLATES.TemplateResponse(request, name, {**base, **context}, status_code=status)
+    # Pages show one user's view of the line: not kept by the browser (a shared station PC, Back
+    # after Log out) nor by anything between.
+    response: HTMLResponse = TEMPLATES.TemplateResponse(
+        request, name, {**base, **context}, status_code=status, headers={"Cache-Control": "no-store"}
+    )
     return response
 
 

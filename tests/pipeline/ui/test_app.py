@@ -154,6 +154,7 @@ def test_live_page_lists_alerts_with_thumbnails_and_frames(line: Running) -> Non
     page = c.get("/")
     assert page.status == 200
     assert page.headers["content-security-policy"] == CSP
+    assert page.headers["cache-control"] == "no-store" and page.headers["x-frame-options"] == "DENY"
     assert 'href="/defect/cam0/j-test/1"' in page.text and "scratch" in page.text
     thumb = c.get("/alert/cam0/j-test/1/thumb.png")
     assert thumb.status == 200 and thumb.body == png.tobytes()
