@@ -129,6 +129,39 @@ def cmd_bridge(args: argparse.Namespace) -> int:
     return run_bridge(_config(args.config), quiet=args.quiet, log_json=args.log_json)
 
 
+def cmd_ui(args: argparse.Namespace) -> int:
+    from pipeline.ui.run import run_ui
+
+    return run_ui(_config(args.config), quiet=args.quiet, log_json=args.log_json)
+
+
+def _password(prompt: str) -> str:
+    """From a prompt on a terminal, else one line of stdin (scripts, Ansible)."""
+    if sys.stdin.isatty():
+        import getpass
+
+        return getpass.getpass(prompt)
+    return sys.stdin.readline().rstrip("\n")
+
+
+def cmd_ui_user(args: argparse.Namespace) -> int:
+    from pipeline.transport.users import add_user
+
+    add_user(args.users_file, args.name, _password(f"password for {args.name}: "), role=args.role)
+    print(f"{args.users_file}: user {args.name} set ({args.role}, scrypt hash)")
+    return 0
+
+
+def cmd_ui_token(args: argparse.Namespace) -> int:
+    from pipeline.transport.users import add_token
+
+    token = add_token(args.tokens_file, args.name, role=args.role)
+    # The token itself on stdout, alone (for a script to capture); where it went on stderr.
+    print(token)
+    print(f"{args.tokens_file}: token {args.name} set ({args.role}); only its SHA-256 is kept", file=sys.stderr)
+    return 0
+
+
 def cmd_coil_service(args: argparse.Namespace) -> int:
     from pipeline.coil.run import run_coil_service
 
@@ -168,13 +201,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
         if args.users_file is None:
             raise ConfigError("--opcua-user needs --users-file (bridge.opcua.users_file)")
-        if sys.stdin.isatty():
-            import getpass
-
-            password = getpass.getpass(f"password for {args.opcua_user}: ")
-        else:
-            password = sys.stdin.readline().rstrip("\n")
-        add_user(args.users_file, args.opcua_user, password)
+        add_user(args.users_file, args.opcua_user, _password(f"password for {args.opcua_user}: "))
         print(f"{args.users_file}: user {args.opcua_user} set (scrypt hash)")
         return 0
     if args.out is None:
@@ -389,6 +416,23 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(br)
     br.add_argument("--log-json", action="store_true", help="log one JSON object per line (services, journald)")
     br.set_defaults(func=cmd_bridge)
+
+    ui = sub.add_parser("ui", help="serve the operator station (browser): live view, coil map, operator feedback")
+    with_config(ui)
+    ui.add_argument("--log-json", action="store_true", help="log one JSON object per line (services, journald)")
+    ui.set_defaults(func=cmd_ui)
+
+    uu = sub.add_parser("ui-user", help="add a station user or change its password and role (password prompted)")
+    uu.add_argument("name", help="user name (1-64 letters, digits, '_', '.', '@', '-')")
+    uu.add_argument("--role", choices=["viewer", "operator"], required=True, help="operator: may teach the model")
+    uu.add_argument("--users-file", type=Path, required=True, help="ui.users_file (made with mode 0600)")
+    uu.set_defaults(func=cmd_ui_user)
+
+    ut = sub.add_parser("ui-token", help="issue an API token for the station (printed once, stored hashed)")
+    ut.add_argument("name", help="who the token is for, e.g. mes")
+    ut.add_argument("--role", choices=["viewer", "operator"], required=True)
+    ut.add_argument("--tokens-file", type=Path, required=True, help="ui.tokens_file (made with mode 0600)")
+    ut.set_defaults(func=cmd_ui_token)
 
     co = sub.add_parser("coil", help="coil records")
     co_sub = co.add_subparsers(dest="coil_cmd", required=True)

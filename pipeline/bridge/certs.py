@@ -12,25 +12,16 @@ application instance certificate (OPC 10000-6 §6.2.2: subjectAltName carries th
 which must equal the ``ApplicationUri`` the application announces). A client made elsewhere (a PLC's
 own certificate) is trusted by copying its DER certificate into ``trusted/``.
 
-Users file: one line per user, ``name:scrypt:N:r:p:salt:hash`` (base64), mode 0600. scrypt
-(RFC 7914) with N=2^14, r=8, p=1 costs about 50 ms and 16 MiB a login, which is cheap for a
-plant client logging in once and dear for anyone guessing.
+Users file: ``pipeline/transport/users.py`` (scrypt hashes, shared with the operator station),
+re-exported here for the bridge.
 """
 
 from __future__ import annotations
 
-import base64
 import datetime
-import hashlib
-import hmac
 import ipaddress
 import logging
-import os
-import re
-import secrets
 import socket
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
@@ -38,7 +29,16 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from pipeline.errors import StripinspectError
+# Re-exported (``as``): the bridge and its callers keep using them from here.
+from pipeline.transport.users import CredentialsError, write_private
+from pipeline.transport.users import UserRecord as UserRecord
+from pipeline.transport.users import add_user as add_user
+from pipeline.transport.users import check_name as check_name
+from pipeline.transport.users import hash_password as hash_password
+from pipeline.transport.users import load_users as load_users
+from pipeline.transport.users import parse_user_line as parse_user_line
+from pipeline.transport.users import verify_password as verify_password
+from pipeline.transport.users import verify_user as verify_user
 
 log = logging.getLogger("stripinspect.bridge.certs")
 
@@ -54,25 +54,9 @@ VALID_DAYS = 3650
 # A PLC's clock may lag the bridge's by hours; a certificate "not yet valid" is refused.
 BACKDATE = datetime.timedelta(days=1)
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
-MIN_PASSWORD = 8
-MAX_PASSWORD = 1024
-SCRYPT_N = 2**14
-SCRYPT_R = 8
-SCRYPT_P = 1
-SALT_BYTES = 16
-HASH_BYTES = 32
-
-
-class CertsError(StripinspectError):
-    """Certificates or users file missing, unreadable or refused; one line."""
-
-
-def check_name(name: str, what: str = "name") -> str:
-    """A client or user name: it becomes a file name and a field of the users file."""
-    if not isinstance(name, str) or not NAME_RE.match(name):
-        raise CertsError(f"{what} {name!r}: use 1-64 letters, digits, '_', '.', '@', '-' (first a letter or digit)")
-    return name
+# One error for the bridge's credentials: its certificates and the users file it reads beside
+# them fail alike (opcua.py catches both with one clause).
+CertsError = CredentialsError
 
 
 def client_app_uri(name: str) -> str:
@@ -85,22 +69,6 @@ def client_files(certs_dir: Path, name: str) -> tuple[Path, Path]:
     check_name(name, "client")
     base = Path(certs_dir) / CLIENTS
     return base / f"{name}_cert.der", base / f"{name}_key.pem"
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    """Write ``data`` readable by the owner only, atomically (a half-written key is worse than none)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _san(app_uri: str, hostnames: list[str]) -> x509.SubjectAlternativeName:
@@ -163,7 +131,7 @@ def make_certificate(
 def _save(cert: x509.Certificate, key: rsa.RSAPrivateKey, cert_path: Path, key_path: Path) -> None:
     cert_path.parent.mkdir(parents=True, exist_ok=True)
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.DER))
-    _write_private(
+    write_private(
         key_path,
         key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
     )
@@ -227,107 +195,3 @@ def certificate_app_uri(cert: x509.Certificate) -> str | None:
         return None
     uris = san.value.get_values_for_type(x509.UniformResourceIdentifier)
     return uris[0] if uris else None
-
-
-# ---------------------------------------------------------------------------------------- users
-
-
-@dataclass(frozen=True)
-class UserRecord:
-    """One line of the users file: the scrypt parameters, salt and derived key of a user's password."""
-
-    name: str
-    n: int
-    r: int
-    p: int
-    salt: bytes
-    digest: bytes
-
-    def line(self) -> str:
-        b64 = base64.b64encode
-        return f"{self.name}:scrypt:{self.n}:{self.r}:{self.p}:{b64(self.salt).decode()}:{b64(self.digest).decode()}"
-
-
-def _scrypt(password: str, *, salt: bytes, n: int, r: int, p: int) -> bytes:
-    # maxmem: 128 * n * r bytes are needed; OpenSSL's default ceiling (32 MiB) is too tight above N=2^14.
-    return hashlib.scrypt(password.encode(), salt=salt, n=n, r=r, p=p, dklen=HASH_BYTES, maxmem=256 * n * r + 2**20)
-
-
-def hash_password(name: str, password: str) -> UserRecord:
-    """A new record for ``name`` with a random salt."""
-    check_name(name, "user")
-    if not isinstance(password, str) or not MIN_PASSWORD <= len(password) <= MAX_PASSWORD:
-        raise CertsError(f"password of {name!r}: use {MIN_PASSWORD} to {MAX_PASSWORD} characters")
-    salt = secrets.token_bytes(SALT_BYTES)
-    digest = _scrypt(password, salt=salt, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P)
-    return UserRecord(name=name, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P, salt=salt, digest=digest)
-
-
-def parse_user_line(line: str) -> UserRecord:
-    """One line of the users file; ValueError names what is wrong."""
-    parts = line.strip().split(":")
-    if len(parts) != 7 or parts[1] != "scrypt":
-        raise ValueError("expected name:scrypt:N:r:p:salt:hash")
-    name, _, n, r, p, salt, digest = parts
-    if not NAME_RE.match(name):
-        raise ValueError(f"bad user name {name!r}")
-    rec = UserRecord(
-        name=name,
-        n=int(n),
-        r=int(r),
-        p=int(p),
-        salt=base64.b64decode(salt, validate=True),
-        digest=base64.b64decode(digest, validate=True),
-    )
-    # Bounds keep a tampered file from making every login allocate gigabytes.
-    if not (2 <= rec.n <= 2**20 and rec.n & (rec.n - 1) == 0 and 1 <= rec.r <= 32 and 1 <= rec.p <= 16):
-        raise ValueError("scrypt parameters out of bounds")
-    if len(rec.digest) != HASH_BYTES or not rec.salt:
-        raise ValueError("bad salt or hash length")
-    return rec
-
-
-def load_users(users_file: Path) -> dict[str, UserRecord]:
-    """Every user of the file by name; blank lines and ``#`` comments skipped."""
-    users_file = Path(users_file)
-    try:
-        text = users_file.read_text(encoding="utf-8")
-    except OSError as err:
-        raise CertsError(f"cannot read users file {users_file}: {err.strerror or err}") from None
-    users: dict[str, UserRecord] = {}
-    for no, raw in enumerate(text.splitlines(), start=1):
-        if not raw.strip() or raw.lstrip().startswith("#"):
-            continue
-        try:
-            rec = parse_user_line(raw)
-        except ValueError as err:
-            raise CertsError(f"{users_file}:{no}: {err}") from None
-        users[rec.name] = rec
-    return users
-
-
-def add_user(users_file: Path, name: str, password: str) -> None:
-    """Add ``name`` (or change its password) in ``users_file``, made with mode 0600 if new."""
-    users_file = Path(users_file)
-    rec = hash_password(name, password)
-    users = load_users(users_file) if users_file.exists() else {}
-    users[name] = rec
-    body = "# stripinspect OPC UA users: name:scrypt:N:r:p:salt:hash\n"
-    body += "".join(u.line() + "\n" for u in users.values())
-    _write_private(users_file, body.encode("utf-8"))
-
-
-# Checked when the user is unknown, so that a wrong name costs as long as a wrong password.
-_DUMMY = UserRecord(name="-", n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P, salt=b"\0" * SALT_BYTES, digest=b"\0" * HASH_BYTES)
-
-
-def verify_password(record: UserRecord | None, password: str) -> bool:
-    """Whether ``password`` is the one ``record`` was made from (constant time in the digest)."""
-    rec = record if record is not None else _DUMMY
-    digest = _scrypt(password, salt=rec.salt, n=rec.n, r=rec.r, p=rec.p)
-    return record is not None and hmac.compare_digest(digest, rec.digest)
-
-
-def verify_user(users_file: Path, name: str, password: str) -> bool:
-    """Whether ``name`` is in ``users_file`` with ``password``."""
-    return verify_password(load_users(users_file).get(name), password)
