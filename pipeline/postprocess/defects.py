@@ -73,13 +73,13 @@ def defect_thumbnail(pixels: np.ndarray, box: tuple[int, int, int, int], *, side
     return png.tobytes()
 
 
-def frame_preview(pixels: np.ndarray, *, width: int, quality: int = 80) -> bytes:
+def frame_preview(pixels: np.ndarray, *, width: int, quality: int = 80) -> tuple[bytes, tuple[int, int]]:
     """JPEG of ``pixels`` (lines, width[, C]) uint8 shrunk to ``width`` columns (never enlarged),
-    the aspect kept: what the operator station shows of a frame."""
+    the aspect kept, and its (height, width): what the operator station shows of a frame."""
     h, w = pixels.shape[:2]
     if width < w:
         pixels = cv2.resize(pixels, (width, max(1, round(h * width / w))), interpolation=cv2.INTER_AREA)
     ok, jpg = cv2.imencode(".jpg", np.ascontiguousarray(pixels), [cv2.IMWRITE_JPEG_QUALITY, quality])
     if not ok:  # pragma: no cover - OpenCV encodes any uint8 image as JPEG
         raise ValueError("cannot encode the frame preview")
-    return jpg.tobytes()
+    return jpg.tobytes(), (int(pixels.shape[0]), int(pixels.shape[1]))

@@ -74,7 +74,7 @@ class Scored:
     thumbnails: tuple[str, ...] | None = None  # one base64 PNG per defect, when daemon.thumbnail_px > 0
     regions: tuple[Region, ...] = ()  # one per defect for feedback (PatchCore bundles), else empty
     classes: tuple[tuple[str, float | None], ...] = ()  # (class, confidence) per defect, with regions
-    preview: bytes | None = None  # JPEG of the valid rows, daemon.preview_px wide, when asked for
+    preview: tuple[bytes, tuple[int, int]] | None = None  # JPEG of the valid rows and its (h, w), when asked for
 
 
 @dataclass(frozen=True)
@@ -418,8 +418,9 @@ class PublishStage:
             names.append("map")
             map_header = {"map_shape": list(item.score_map.shape), "map_dtype": "float16 little-endian"}
         if item.preview is not None:
-            parts += (item.preview,)
+            parts += (item.preview[0],)
             names.append("preview")
+            map_header["preview_shape"] = list(item.preview[1])
         if names:
             map_header["parts"] = names
         self.publisher.send(

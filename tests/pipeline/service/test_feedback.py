@@ -34,7 +34,7 @@ def bundle(strip_bundle: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(strip_bundle, tmp_path / "bundle"))
 
 
-def _daemon(bundle: Path, ctx: zmq.Context, threshold: float, **feedback: Any) -> Daemon:
+def _daemon(bundle: Path, ctx: zmq.Context, threshold: float, *, publish_maps: bool = False, **feedback: Any) -> Daemon:
     src = SourceConfig(block_lines=128, line_rate_hz=6000, defects_per_100_frames=150.0, roll_period_lines=None)
     cfg = loopback_daemon_config(
         bundle=bundle,
@@ -44,6 +44,7 @@ def _daemon(bundle: Path, ctx: zmq.Context, threshold: float, **feedback: Any) -
         min_area_px=8,
         heartbeat_s=0.2,
         preview_px=128,
+        publish_maps=publish_maps,
         source=src,
         feedback=FeedbackConfig(**feedback),
     )
