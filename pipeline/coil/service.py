@@ -246,7 +246,8 @@ class CoilService:
             score=float(h["max_score"]),
             cameras=(cid,),
             sources=(f"{cid}:{seq}",),
-            klass=h.get("class"),
+            # The daemon's few-shot class (docs/feedback.md); "unknown" is no class for the record.
+            klass=None if h.get("class") in (None, "unknown") else str(h["class"]),
         )
         thumb = None
         if h.get("thumbnail_png"):

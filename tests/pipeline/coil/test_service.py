@@ -72,7 +72,7 @@ class FakeCamera:
         body = {"frame_id": first, "first_line": first, "valid_rows": [0, lines], "mm_per_line": MM_LINE}
         self.pub.send("frame", {**body, "coil_id": "C1", "side": self.side})
 
-    def alert(self, line: int, col_mm: float, *, send: bool = True, score: float = 5.0) -> int:
+    def alert(self, line: int, col_mm: float, *, send: bool = True, score: float = 5.0, klass: str = "unknown") -> int:
         h = self.pub.stamp(
             "alert",
             {
@@ -88,6 +88,8 @@ class FakeCamera:
                 "max_score": score,
                 "thumbnail_png": None,
                 "journal": self.journal.journal_id,
+                "class": klass,
+                "class_confidence": None if klass == "unknown" else 0.8,
             },
         )
         (seq,) = self.journal.append([h])
@@ -172,7 +174,7 @@ def test_two_cameras_become_one_coil_record_with_its_report(line: dict[str, Any]
     cam1.alert(HEAD + 5001, 22.0)
     # cam1 publishes one alert nobody hears: the next live one shows the gap, the journal fills it.
     missed = cam1.alert(HEAD + 9000, 300.0, send=False)
-    cam1.alert(HEAD + 12_000, 300.0)
+    cam1.alert(HEAD + 12_000, 300.0, klass="pit")  # an operator taught the daemon pits
     late = cam1.journal.after(missed - 1, 1)[0]  # a duplicate of the missed one, arriving late
     cam1.pub._sock.send_multipart([b"alert", json.dumps(late).encode()])
     for first in range(HEAD, TAIL + 500, 500):
@@ -188,6 +190,7 @@ def test_two_cameras_become_one_coil_record_with_its_report(line: dict[str, Any]
     merged = next(d for d in defects if len(d.cameras) == 2)
     assert set(merged.cameras) == {"cam0", "cam1"} and merged.md_m == pytest.approx(10.0, abs=0.01)
     assert {round(d.md_m) for d in defects} == {10, 18, 24}
+    assert {round(d.md_m): d.klass for d in defects} == {10: None, 18: None, 24: "pit"}  # "unknown" is no class
     assert records.cursor(f"cam1@{cam1.journal.journal_id}") == 3 and line["service"].counts["duplicates"] >= 1
     (gap,) = records.uninspected("C1")
     assert gap.camera == "cam1" and (gap.md_from_m, gap.md_to_m) == (pytest.approx(38.0), pytest.approx(58.0))
