@@ -81,9 +81,9 @@ class FakeDaemon:
     def _overlay(self) -> dict[str, Any]:
         classes: dict[str, int] = {}
         for e in self.entries:
-            if e["kind"] == "label":
+            if e["kind"] == "label" and e.get("removed_time") is None:
                 classes[e["class"]] = classes.get(e["class"], 0) + 1
-        rows = sum(e["rows"] for e in self.entries)
+        rows = sum(e["rows"] for e in self.entries if e["kind"] == "normal" and e.get("removed_time") is None)
         return {"version": len(self.calls), "sha256": "ab" * 32, "rows": rows, "cap_rows": 20_000, "classes": classes}
 
     def _handle(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -119,7 +119,10 @@ class FakeDaemon:
             found = next((e for e in self.entries if e["id"] == entry_id), None)
             if found is None:
                 return {"ok": False, "error": f"no overlay entry {entry_id}"}
-            self.entries.remove(found)
+            if found.get("removed_time") is not None:
+                return {"ok": False, "error": f"overlay entry {entry_id} was removed already"}
+            # As the daemon: the entry stays in the list, marked removed (who taught what stays known).
+            found.update(removed_by=req.get("user"), removed_time=time.time())
             return {"ok": True, "removed": found}
         return {"ok": False, "error": f"unknown command {cmd!r}"}
 

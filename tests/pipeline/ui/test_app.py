@@ -281,7 +281,7 @@ def test_the_overlay_page_lists_entries_and_undo_removes_one(line: Running) -> N
     assert r.status == 303
     assert line.daemons["cam0"].calls_of("overlay_undo") == [{"cmd": "overlay_undo", "id": 1, "user": "op"}]
     page = c.get("/overlay").text
-    assert 'data-entry="1"' not in page and 'data-entry="2"' in page
+    assert 'data-entry="1" class="removed"' in page and "removed by op" in page and 'data-entry="2">' in page
     assert "overlay entry 1 removed" in page
 
 

@@ -230,7 +230,8 @@ def test_overlay_page_lists_entries_and_undo_takes_one_out(driver: webdriver.Chr
     row.find_element(By.TAG_NAME, "button").click()
     flash = wait(driver).until(ec.visibility_of_element_located((By.ID, "flash")))
     assert f"overlay entry {entry} removed" in flash.text
-    assert not driver.find_elements(By.CSS_SELECTOR, f'tr[data-entry="{entry}"]')
+    row = driver.find_element(By.CSS_SELECTOR, f'tr[data-entry="{entry}"]')
+    assert "removed by op" in row.text and not row.find_elements(By.TAG_NAME, "button")
     assert {"cmd": "overlay_undo", "id": entry, "user": "op"} in line.daemons["cam0"].calls_of("overlay_undo")
 
 
