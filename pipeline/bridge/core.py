@@ -31,6 +31,8 @@ log = logging.getLogger("stripinspect.bridge")
 STATUS_PERIOD_S = 0.5  # the plant's heartbeat: a PLC watchdog sees the counter move twice a second
 STALE_HEARTBEATS = 3.0  # a camera silent this many of its heartbeat periods is "unknown"
 CATCH_UP_BATCH = 500
+COILS_REMEMBERED = 10_000
+STOP_WAIT_S = 10.0  # stop: the protocols deliver what the followers took, at most this long
 RETRY_S = 0.5  # a protocol that could not take a defect is offered it again this much later
 
 
@@ -158,6 +160,7 @@ class Bridge:
         self.stale_s = STALE_HEARTBEATS * heartbeat_s
         self._heartbeats: dict[str, dict[str, Any] | None] = dict.fromkeys(cameras)
         self._coils_seen: set[tuple[str, str]] = set()
+        self._coils_lock = threading.Lock()
         self._beat = 0
         self._channels: list[Channel] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -189,9 +192,12 @@ class Bridge:
         kind, cid = h.get("event"), h.get("coil_id")
         if kind not in ("start", "end") or not cid:
             raise ValueError(f"coil event {kind!r} of coil {cid!r}")
-        if (kind, cid) in self._coils_seen:
-            return  # every camera reports the head and the tail: the plant hears them once
-        self._coils_seen.add((kind, cid))
+        with self._coils_lock:  # follower threads of several cameras
+            if (kind, cid) in self._coils_seen:
+                return  # every camera reports the head and the tail: the plant hears them once
+            self._coils_seen.add((kind, cid))
+            if len(self._coils_seen) > COILS_REMEMBERED:
+                self._coils_seen.clear()  # months of coils; an old coil's repeat is harmless
         self._post("coil", PlantCoil(kind=kind, coil_id=str(cid), data={**h, "camera_id": camera_id}))
 
     def _on_coil_service(self, topic: str, h: dict[str, Any]) -> None:
@@ -256,11 +262,20 @@ class Bridge:
                 ch.counts["caught_up"] += 1
 
     async def _work(self, ch: Channel) -> None:
-        await self._catch_up(ch, self.journal.last_seq)  # what it had not delivered before a restart
+        ch.behind = True  # what it had not delivered before a restart, from the journal
         while True:
             if ch.behind and ch.queue.empty():
                 ch.behind = False
-                await self._catch_up(ch, self.journal.last_seq)
+                try:
+                    await self._catch_up(ch, self.journal.last_seq)
+                except Exception as err:
+                    # The journal could not be read (disk): this protocol tries again, the others
+                    # are not concerned; the worker must not die silently.
+                    ch.counts["errors"] += 1
+                    ch.behind = True
+                    self._ratelog.error(f"catch-up:{ch.sink.name}", "%s: catch-up failed: %r", ch.sink.name, err)
+                    await asyncio.sleep(RETRY_S)
+                    continue
             kind, item = await ch.queue.get()
             try:
                 if kind == "stop":
@@ -283,7 +298,11 @@ class Bridge:
     async def _status_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             self._beat += 1
-            self._fan_out("status", self.status())
+            try:
+                self._fan_out("status", self.status())
+            except Exception as err:
+                # A malformed heartbeat must not stop the plant's heartbeat counter for good.
+                self._ratelog.error("status", "line status skipped: %r", err)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), STATUS_PERIOD_S)
 
@@ -338,16 +357,18 @@ class Bridge:
             halt.set()
             for t in threads:
                 await asyncio.to_thread(t.join, 5.0)
+            give_up = time.monotonic() + STOP_WAIT_S
             for ch in self._channels:
-                # What the followers took before they stopped is still delivered (bounded wait).
-                while True:
+                # What the followers took before they stopped is still delivered (bounded wait:
+                # a protocol that cannot take anything is cancelled, its cursor is in the journal).
+                while time.monotonic() < give_up:
                     try:
                         ch.queue.put_nowait(("stop", None))
                         break
                     except asyncio.QueueFull:
                         await asyncio.sleep(0.01)
             if workers:
-                _, pending = await asyncio.wait(workers, timeout=10.0)
+                _, pending = await asyncio.wait(workers, timeout=max(0.1, give_up - time.monotonic()))
                 for w in pending:
                     w.cancel()
             for sink in reversed(started):

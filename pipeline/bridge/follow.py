@@ -94,12 +94,21 @@ class CameraFollower:
             after = int(batch[-1]["seq"])
 
     def _take(self, h: dict[str, Any], *, replayed: bool) -> None:
-        d = self.journal.add(
-            camera_id=self.camera_id,
-            journal=h.get("journal"),
-            seq=int(h["seq"]),
-            build=lambda bseq: self.to_defect(h, bseq),
-        )
+        try:
+            d = self.journal.add(
+                camera_id=self.camera_id,
+                journal=h.get("journal"),
+                seq=int(h["seq"]),
+                build=lambda bseq: self.to_defect(h, bseq),
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            # A malformed alert (live or in the journal): skipped and counted, and the cursor
+            # moves past it, or every later replay would stop at it again.
+            self.counts["bad_messages"] += 1
+            log.warning("%s: alert %r skipped: %r", self.camera_id, h.get("seq"), err)
+            if isinstance(h.get("seq"), int):
+                self.journal.set_camera_cursor(self.camera_id, h.get("journal"), h["seq"])
+            return
         if d is None:
             self.counts["duplicates"] += 1
             return
@@ -146,7 +155,7 @@ class CameraFollower:
                     # journal, and the next message tries again (the cursor did not move).
                     log.warning("%s: journal replay failed, retried with the next message: %s", self.camera_id, err)
                     self._synced = False
-                except (KeyError, TypeError, ValueError) as err:
+                except (KeyError, TypeError, ValueError, AttributeError) as err:
                     self.counts["bad_messages"] += 1
                     log.warning("%s: %s message skipped: %r", self.camera_id, topic, err)
         finally:
@@ -197,7 +206,7 @@ class CoilServiceFollower:
                     topic, header, _ = decode(sock.recv_multipart())
                     self.on_message(topic, header)
                     self.counts["messages"] += 1
-                except (ValueError, UnicodeDecodeError, KeyError, TypeError) as err:
+                except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as err:
                     self.counts["bad_messages"] += 1
                     log.warning("coil service: message skipped: %r", err)
         finally:

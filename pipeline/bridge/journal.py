@@ -85,7 +85,9 @@ class BridgeJournal:
         ``build(bridge_seq)`` makes the defect."""
         with self._lock:
             row = self._db.execute("SELECT journal, seq FROM cameras WHERE camera_id = ?", (camera_id,)).fetchone()
-            if row is not None and row[0] == journal and seq <= int(row[1]):
+            # A daemon without a journal (journal None) numbers from 1 again at every restart:
+            # its numbers say nothing about what was taken, so nothing is skipped for it.
+            if journal is not None and row is not None and row[0] == journal and seq <= int(row[1]):
                 return None
             d = build(self.last_seq + 1)
             try:

@@ -17,10 +17,14 @@ who taught the model what, and when it was taken back.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
+import secrets
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -166,6 +170,21 @@ class Overlay:
 
     # --- changing ----------------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _changing(self) -> Iterator[None]:
+        """Hold the folder's lock and start from what is on disk: cameras that share a bundle
+        share its overlay, and another daemon may have changed it since this one read it."""
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            lock = (self.folder / ".lock").open("a")
+        except OSError as err:
+            raise OverlayError(f"cannot write overlay {self.folder}: {err}") from None
+        with lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            if (self.folder / INDEX_FILE).exists():
+                self._load()
+            yield
+
     def add(
         self, *, kind: EntryKind, rows: np.ndarray, user: str, alert: dict[str, Any], label: str | None = None
     ) -> OverlayEntry:
@@ -173,6 +192,12 @@ class Overlay:
         rows = np.ascontiguousarray(rows, dtype=np.float32)
         if rows.ndim != 2 or rows.shape[1] != self.dim or rows.shape[0] == 0 or not np.isfinite(rows).all():
             raise OverlayError(f"rows must be finite float32 (n >= 1, {self.dim}), got {rows.shape}")
+        with self._changing():
+            return self._add(kind=kind, rows=rows, user=user, alert=alert, label=label)
+
+    def _add(
+        self, *, kind: EntryKind, rows: np.ndarray, user: str, alert: dict[str, Any], label: str | None
+    ) -> OverlayEntry:
         if kind == "normal" and self.active_rows + rows.shape[0] > self.max_rows:
             raise OverlayError(
                 f"the overlay holds {self.active_rows} of {self.max_rows} normal rows; {rows.shape[0]} more would "
@@ -183,14 +208,17 @@ class Overlay:
         if not isinstance(user, str) or not user:
             raise OverlayError("every change names its user")
         new_id = max((e.id for e in self.entries), default=0) + 1
-        self.folder.mkdir(parents=True, exist_ok=True)
-        name = f"{new_id:06d}_{kind}.npy"
+        # A random part: a file is never overwritten, whoever writes the folder.
+        name = f"{new_id:06d}_{kind}_{secrets.token_hex(4)}.npy"
         tmp = self.folder / f".{name}.tmp"
-        with tmp.open("wb") as fh:
-            np.save(fh, rows, allow_pickle=False)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.folder / name)
+        try:
+            with tmp.open("wb") as fh:
+                np.save(fh, rows, allow_pickle=False)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.folder / name)
+        except OSError as err:
+            raise OverlayError(f"cannot write overlay {self.folder}: {err}") from None
         entry = OverlayEntry(
             id=new_id,
             kind=kind,
@@ -208,6 +236,10 @@ class Overlay:
 
     def remove(self, entry_id: object, *, user: str) -> OverlayEntry:
         """Mark entry ``entry_id`` removed (its rows stop counting from now)."""
+        with self._changing():
+            return self._remove(entry_id, user=user)
+
+    def _remove(self, entry_id: object, *, user: str) -> OverlayEntry:
         match = [e for e in self.entries if e.id == entry_id and not isinstance(entry_id, bool)]
         if not match:
             raise OverlayError(f"no overlay entry {entry_id!r}")

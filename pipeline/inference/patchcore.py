@@ -21,13 +21,16 @@ from pipeline.inference.bundle import (
 )
 from pipeline.inference.embed import MIN_SIDE, EmbedderError, OnnxEmbedder
 from pipeline.inference.framescore import FrameScorer
-from pipeline.inference.knn import FaissIndex, KnnError
+from pipeline.inference.knn import FaissIndex, KnnError, ivf_lists
 from pipeline.inference.overlay import Overlay
 from pipeline.inference.resize import resize_to, scaled_hw
 from pipeline.inference.scoring import anomaly_map, max_window_mean, reweighted_image_score
 
 # Patch window of the image score under per-position normalisation (see score_features).
 POSITION_WINDOW = 2
+# Operator-added rows: searched exactly up to this many, through IVF (EXTRA_NPROBE cells) beyond.
+EXTRA_FLAT_ROWS = 4096
+EXTRA_NPROBE = 8
 
 
 @dataclass(frozen=True)
@@ -103,24 +106,39 @@ class PatchCoreScorer:
         self.extra: faiss.Index | None = None
         self.overlay: Overlay | None = None
 
-    def attach_overlay(self, *, folder: Path, max_rows: int) -> None:
-        """Open the overlay in ``folder`` (what operators taught this bundle; OverlayError when it
-        is broken) and score with its normal rows from now on; the daemon's feedback changes it."""
-        overlay = Overlay(folder=folder, dim=self.index.dim, max_rows=max_rows)
+    def attach_overlay(self, overlay: Overlay) -> None:
+        """Score with ``overlay``'s normal rows from now on (what operators taught this bundle);
+        the daemon's feedback changes it. One Overlay per folder is shared by every model opened
+        from that bundle (a reload, a recipe switch back), so a change reaches the one in force."""
+        if overlay.dim != self.index.dim:
+            raise BundleError(f"{overlay.folder}: overlay rows of dim {overlay.dim}, the bank's are {self.index.dim}")
         self.set_extra(overlay.normal_rows())
         self.overlay = overlay
 
     def set_extra(self, rows: np.ndarray) -> None:
         """Search ``rows`` (float32 (n, D)) as part of the memory bank from the next search on;
-        n = 0 takes the additions away. Exact search: the overlay is small (a cap of rows)."""
+        n = 0 takes the additions away. Up to EXTRA_FLAT_ROWS rows are searched exactly, more
+        through an IVF index: every frame searches them for every patch (20,000 rows flat cost
+        1.35 s per 2048 x 1024 frame on one core). An approximate neighbour is a real row, so it
+        can only over-estimate a distance: the feedback is applied a little less, never more."""
         if rows.ndim != 2 or rows.shape[1] != self.index.dim:
             raise ValueError(f"extra rows must be (n, {self.index.dim}), got {rows.shape}")
         if rows.shape[0] == 0:
             self.extra = None
             return
-        flat = faiss.IndexFlatL2(self.index.dim)
-        flat.add(np.ascontiguousarray(rows, dtype=np.float32))
-        self.extra = flat
+        rows = np.ascontiguousarray(rows, dtype=np.float32)
+        index: faiss.Index
+        if rows.shape[0] <= EXTRA_FLAT_ROWS:
+            index = faiss.IndexFlatL2(self.index.dim)
+        else:
+            nlist = ivf_lists(rows.shape[0], None)
+            ivf = faiss.IndexIVFFlat(faiss.IndexFlatL2(self.index.dim), self.index.dim, nlist)
+            ivf.cp.seed = 0
+            ivf.train(rows)
+            ivf.nprobe = min(EXTRA_NPROBE, nlist)
+            index = ivf
+        index.add(rows)
+        self.extra = index
 
     @classmethod
     def from_files(

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import FeedbackConfig
-from pipeline.inference.overlay import Overlay, OverlayError, classify, region_rows
+from pipeline.inference.overlay import Overlay, OverlayEntry, OverlayError, check_label, classify, region_rows
 from pipeline.transport.messages import Defect
 
 log = logging.getLogger("stripinspect.feedback")
@@ -34,11 +34,20 @@ class Region:
     to halve what is kept), its pooled box vector (float32 (1, D)), its score and threshold, and
     the overlay of the model that scored it."""
 
-    rows: np.ndarray
+    rows: np.ndarray | None  # None: larger than the overlay's cap (a false alarm on it is refused)
     pooled: np.ndarray
     max_score: float
     threshold: float
     overlay: Overlay | None
+
+
+def _taught(ov: Overlay, alert: dict[str, Any], kind: str, label: str | None) -> OverlayEntry | None:
+    """The active entry already made from this alert (a request repeated after a timeout whose
+    first try did reach the daemon): answered with it, not added twice."""
+    for e in ov.entries:
+        if e.active and e.kind == kind and e.alert == alert and e.label == label:
+            return e
+    return None
 
 
 class Teacher:
@@ -66,7 +75,10 @@ class Teacher:
             rows, pooled = region_rows(
                 features, d.box, stride=stride, margin_px=self.cfg.margin_px, patch_scores=scores, first_row=first_row
             )
-            out.append(Region(rows.astype(np.float16), pooled, d.max_score, d.threshold, overlay))
+            # A region bigger than the whole cap could never be added: not kept (a full-width
+            # band would hold tens of MB of features for nothing).
+            kept = rows.astype(np.float16) if rows.shape[0] <= self.cfg.max_rows else None
+            out.append(Region(kept, pooled, d.max_score, d.threshold, overlay))
         return out
 
     def classify(self, region: Region) -> tuple[str, float | None]:
@@ -140,11 +152,18 @@ class Teacher:
                     f"alert {seq} looks like the labelled class {known!r} (confidence {confidence:.2f}): a defect, "
                     "not a false alarm; refused (undo that class's examples if they were wrong)"
                 )
+            if region.rows is None:
+                raise OverlayError(
+                    f"alert {seq}'s region is larger than the overlay's cap of {self.cfg.max_rows} rows "
+                    "(daemon.feedback.max_rows): refused"
+                )
             ov = region.overlay
             assert ov is not None
             alert = {"camera_id": self.camera_id, "journal": journal, "seq": seq}
             with self._lock:
-                entry = ov.add(kind="normal", rows=region.rows.astype(np.float32), user=user, alert=alert)
+                entry = _taught(ov, alert, "normal", None) or ov.add(
+                    kind="normal", rows=region.rows.astype(np.float32), user=user, alert=alert
+                )
                 rows = ov.normal_rows()
             if getattr(scorer, "overlay", None) is ov:
                 scorer.set_extra(rows)
@@ -163,7 +182,10 @@ class Teacher:
             assert ov is not None
             alert = {"camera_id": self.camera_id, "journal": journal, "seq": seq}
             with self._lock:
-                entry = ov.add(kind="label", rows=region.pooled, user=user, alert=alert, label=req.get("class"))
+                label = check_label(req.get("class"))
+                entry = _taught(ov, alert, "label", label) or ov.add(
+                    kind="label", rows=region.pooled, user=user, alert=alert, label=label
+                )
         except OverlayError as err:
             log.warning("label refused: %s", err)
             return {"ok": False, "error": str(err)}

@@ -19,7 +19,7 @@ from pipeline.config import DaemonConfig, RuntimeConfig, ScoringConfig
 from pipeline.errors import StripinspectError
 from pipeline.inference.backends import open_frame_scorer
 from pipeline.inference.framescore import AnyFrameScorer
-from pipeline.inference.overlay import overlay_dir
+from pipeline.inference.overlay import Overlay, overlay_dir
 from pipeline.postprocess.defects import per_column
 
 # What loading and warming up a bundle raises for a bad bundle, file or model (onnxruntime's own
@@ -71,6 +71,10 @@ class ModelSlot:
         if width % 16:
             raise StripinspectError(f"camera width {width} must be a multiple of 16")
         self._runtime, self._scoring = runtime, scoring
+        # One Overlay per bundle folder, shared by every model opened from it: feedback given on
+        # an alert of a model since replaced still reaches the model in force, and two objects
+        # never write one folder.
+        self._overlays: dict[Path, Overlay] = {}
         self._width, self._channels = width, channels
         cfg = cfg if cfg.recipe is None else cfg.with_recipe(cfg.recipe)
         fs = self._load(cfg.bundle, cfg)
@@ -170,7 +174,13 @@ class ModelSlot:
         # and the p99 latency a start-up artefact.
         attach = getattr(fs.scorer, "attach_overlay", None)
         if attach is not None:  # PatchCore: what operators taught this bundle, kept beside it
-            attach(folder=overlay_dir(bundle), max_rows=cfg.feedback.max_rows)
+            folder = overlay_dir(bundle).resolve()
+            overlay = self._overlays.get(folder)
+            if overlay is None:
+                dim = fs.scorer.manifest.features.embedding_dim  # type: ignore[attr-defined]
+                overlay = Overlay(folder=folder, dim=dim, max_rows=cfg.feedback.max_rows)
+                self._overlays[folder] = overlay
+            attach(overlay)
         lines, width = cfg.frame_lines, self._width
         feats = fs.features(np.zeros((lines, width, fs.scorer.channels), dtype=np.uint8))
         patch, first, _ = fs.search_band(feats, valid=(0, lines), lines=lines)

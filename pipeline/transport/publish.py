@@ -25,7 +25,13 @@ def decode(parts: list[bytes]) -> tuple[str, dict[str, Any], list[bytes]]:
     """(topic, header, binary parts) of a received multipart message."""
     if len(parts) < 2:
         raise ValueError(f"message has {len(parts)} parts, expected topic and header")
-    return parts[0].decode("ascii"), json.loads(parts[1]), parts[2:]
+    try:
+        header = json.loads(parts[1])
+    except RecursionError:
+        raise ValueError("header nested too deep") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"header is a JSON {type(header).__name__}, not an object")
+    return parts[0].decode("ascii"), header, parts[2:]
 
 
 def alert_body(frame: Frame, defect: Defect, *, capture_md_m: float) -> dict[str, Any]:

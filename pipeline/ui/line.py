@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable
 
+import cv2
 import zmq
 
 from pipeline.config import BridgeCameraConfig, BridgeCoilServiceConfig
@@ -122,7 +123,7 @@ class Line:
             return
         try:
             updates = self.state.on_camera(camera_id, topic, header, binary, now=time.monotonic())
-        except (KeyError, TypeError, ValueError) as err:
+        except (KeyError, TypeError, ValueError, AttributeError, cv2.error) as err:
             self._count("bad_messages")
             self._ratelog.warning(f"bad:{camera_id}", "%s: %s message skipped: %r", camera_id, topic, err)
             return
@@ -139,7 +140,7 @@ class Line:
                 try:
                     topic, header, _ = decode(parts)
                     updates = self.state.on_coil_service(topic, header)
-                except (KeyError, TypeError, ValueError, UnicodeDecodeError) as err:
+                except (KeyError, TypeError, ValueError, UnicodeDecodeError, AttributeError) as err:
                     self._count("bad_messages")
                     self._ratelog.warning("bad:coil-service", "coil service: message skipped: %r", err)
                     continue

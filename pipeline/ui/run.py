@@ -198,7 +198,9 @@ def run_ui(cfg: Config, *, quiet: bool = False, log_json: bool = False, stop: th
                 log.info("ui: serving %s for %d camera(s): %s", server.url, len(cameras), ", ".join(cameras))
                 while not stop.is_set() and server.running:
                     stop.wait(0.5)
-                    if time.monotonic() - station.tick < LOOP_STALE_S:
+                    # The watchdog is fed while the web loop ticks and every follower lives: a
+                    # station showing a frozen line must be restarted, not kept.
+                    if time.monotonic() - station.tick < LOOP_STALE_S and line.alive:
                         notify("WATCHDOG=1")
             finally:
                 hub.close()

@@ -197,6 +197,22 @@ def test_journal_numbers_once_and_restarts_a_camera_on_a_new_journal(tmp_path: P
     j.close()
 
 
+def test_a_daemon_without_a_journal_is_not_taken_for_duplicates(tmp_path: Path) -> None:
+    # Without a journal a daemon numbers its alerts from 1 again at every restart.
+    j = BridgeJournal(path=tmp_path / "b.sqlite", keep=1000)
+    taken = [j.add(camera_id="c", journal=None, seq=s, build=make_defect) for s in (1, 2, 3, 1, 2)]
+    assert all(d is not None for d in taken) and j.last_seq == 5
+    j.close()
+
+
+def test_a_message_whose_header_is_not_an_object_is_refused() -> None:
+    from pipeline.transport.publish import decode
+
+    for header in (b"[1, 2]", b"5", b"null", b"[" * 100_000):
+        with pytest.raises(ValueError):
+            decode([b"alert", header])
+
+
 # --- with a line --------------------------------------------------------------------------
 
 

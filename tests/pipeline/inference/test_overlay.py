@@ -92,3 +92,16 @@ def test_region_rows_cover_the_box_and_its_margin() -> None:
     assert pooled.shape == (1, 2) and np.isclose(np.linalg.norm(pooled), 1.0)
     edge, _ = region_rows(feats, (0, 0, 4, 4), stride=8, margin_px=8)
     assert edge.shape == (2 * 2, 2)  # clipped at the frame's corner
+
+
+def test_two_daemons_sharing_a_bundle_lose_no_entry(tmp_path: Path) -> None:
+    # Cameras of one line often load the same bundle: their overlays share a folder.
+    a = Overlay(folder=tmp_path / "o", dim=DIM, max_rows=100)
+    b = Overlay(folder=tmp_path / "o", dim=DIM, max_rows=100)
+    ea = a.add(kind="normal", rows=rows(2), user="anna", alert=ALERT)
+    eb = b.add(kind="normal", rows=rows(3, 1), user="ben", alert=ALERT)
+    assert ea.id != eb.id and ea.file != eb.file
+    b.remove(ea.id, user="ben")
+    fresh = Overlay(folder=tmp_path / "o", dim=DIM, max_rows=100)
+    assert [(e.id, e.user, e.active) for e in fresh.entries] == [(1, "anna", False), (2, "ben", True)]
+    assert fresh.normal_rows().shape == (3, DIM) and fresh.version == 3

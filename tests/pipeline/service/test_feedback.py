@@ -146,7 +146,7 @@ def test_feedback_through_the_control_socket(bundle: Path) -> None:
         daemon.stop()
         daemon.join()
     files = sorted(p.name for p in overlay_dir(bundle).iterdir())
-    assert "overlay.json" in files and any(f.endswith("_normal.npy") for f in files)
+    assert "overlay.json" in files and any("_normal_" in f and f.endswith(".npy") for f in files)
 
     # A restarted daemon opens the same overlay: the history and the class are there.
     daemon = _daemon(bundle, ctx, threshold)
