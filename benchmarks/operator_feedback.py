@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -44,7 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from coil_line import calibrate_threshold, fit_bundle_for, free_port  # noqa: E402
+from coil_line import calibrate_threshold, fit_bundle_for, free_port, stop_all  # noqa: E402
 from plc_latency import start, wait_port  # noqa: E402
 
 from pipeline.acquisition.sources import defect_plan  # noqa: E402
@@ -258,11 +256,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         finally:
             if log is not None:
                 log.close()
-            daemon.send_signal(signal.SIGTERM)
-            try:
-                daemon.wait(30)
-            except subprocess.TimeoutExpired:
-                daemon.kill()
+            stop_all([daemon], timeout_s=30.0)
 
     def operator(log: AlertLog) -> None:
         """Once A and C are inspected: mark, label, and let the daemon run on over B."""

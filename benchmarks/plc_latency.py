@@ -333,8 +333,9 @@ def bridge_numbers(state: Path) -> dict[int, int]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from pipeline.bridge.certs import add_user, create_opcua_keys
+    from pipeline.bridge.certs import create_opcua_keys
     from pipeline.config import Config
+    from pipeline.transport.users import add_user
     from tests.pipeline.bridge.broker import start_broker
 
     work = Path(args.work)

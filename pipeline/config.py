@@ -914,7 +914,7 @@ class OpcUaConfig(_Section):
     )
     certs_dir: Path | None = Field(
         default=None,
-        description="Folder made by `stripinspect keys --opcua DIR`: server certificate and key, and the trusted "
+        description="Folder made by `stripinspect keys --opcua --out DIR`: server certificate and key, and the trusted "
         "client certificates (trusted/). None: only the policy None, and only with allow_insecure.",
     )
     users_file: Path | None = Field(

@@ -197,7 +197,7 @@ def _client_keys(args: argparse.Namespace) -> Any:
 
 def cmd_keys(args: argparse.Namespace) -> int:
     if args.opcua_user is not None:
-        from pipeline.bridge.certs import add_user
+        from pipeline.transport.users import add_user
 
         if args.users_file is None:
             raise ConfigError("--opcua-user needs --users-file (bridge.opcua.users_file)")

@@ -315,6 +315,30 @@ def random_defects(
     return out
 
 
+def _periodic_mark(
+    kind: DefectKind,
+    *,
+    rng: np.random.Generator,
+    first_line: int,
+    start: int,
+    period: int,
+    frame_lines: int,
+    width: int,
+    margin: int,
+    size: int,
+) -> PlantedDefect:
+    """A mark printed once every ``period`` lines at one column (a roll's, a stamp's), its first
+    print ``start`` lines or more into the strip, within the first period or frame."""
+    return PlantedDefect(
+        kind=kind,
+        line=first_line + int(rng.integers(start, start + min(period, frame_lines))),
+        col=int(rng.integers(margin, width - margin)),
+        size=size,
+        seed=int(rng.integers(1 << 30)),
+        period=period,
+    )
+
+
 class DefectPlan:
     """What is planted along one strip, frame by frame: isolated defects at ``per_frame`` a
     frame's worth of lines (Poisson, every kind in turn in a seeded order) and, when
@@ -347,15 +371,16 @@ class DefectPlan:
         self._kinds: list[DefectKind] = []
         self.roll_mark: PlantedDefect | None = None
         if roll_period is not None:
-            rng = np.random.default_rng([seed, 0x2011])
-            margin = max(24, width // 12)
-            self.roll_mark = PlantedDefect(
-                kind="roll_mark",
-                line=first_line + int(rng.integers(64, 64 + min(roll_period, frame_lines))),
-                col=int(rng.integers(margin, width - margin)),
-                size=14,
-                seed=int(rng.integers(1 << 30)),
+            self.roll_mark = _periodic_mark(
+                "roll_mark",
+                rng=np.random.default_rng([seed, 0x2011]),
+                first_line=first_line,
+                start=64,
                 period=roll_period,
+                frame_lines=frame_lines,
+                width=width,
+                margin=max(24, width // 12),
+                size=14,
             )
         # A benign mark (an ink stamp) printed every ``benign_period`` lines: normal strip the model
         # was not fitted on, so it raises false alarms until an operator says it is normal.
@@ -363,15 +388,16 @@ class DefectPlan:
         if benign_period is not None:
             if benign_period < 64:
                 raise ValueError(f"benign_period must be >= 64 lines, got {benign_period}")
-            rng = np.random.default_rng([seed, 0x57A3])
-            margin = max(40, width // 8)
-            self.benign = PlantedDefect(
-                kind="stamp",
-                line=first_line + int(rng.integers(96, 96 + min(benign_period, frame_lines))),
-                col=int(rng.integers(margin, width - margin)),
-                size=40,
-                seed=int(rng.integers(1 << 30)),
+            self.benign = _periodic_mark(
+                "stamp",
+                rng=np.random.default_rng([seed, 0x57A3]),
+                first_line=first_line,
+                start=96,
                 period=benign_period,
+                frame_lines=frame_lines,
+                width=width,
+                margin=max(40, width // 8),
+                size=40,
             )
         self._marks = [m for m in (self.roll_mark, self.benign) if m is not None]
         # The last defects planned (the roll mark first): a new one keeps clear of them.

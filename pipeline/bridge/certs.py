@@ -1,4 +1,5 @@
-"""Certificates and users of the OPC UA server (`stripinspect keys --opcua DIR`, `--opcua-user FILE`).
+"""Certificates of the OPC UA server (`stripinspect keys --opcua --out DIR`); its users are
+those of ``pipeline.transport.users`` (`stripinspect keys --opcua-user NAME --users-file FILE`).
 
 Certificates folder (``create_opcua_keys`` writes one):
 
@@ -30,15 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 # Re-exported (``as``): the bridge and its callers keep using them from here.
-from pipeline.transport.users import CredentialsError, write_private
-from pipeline.transport.users import UserRecord as UserRecord
-from pipeline.transport.users import add_user as add_user
-from pipeline.transport.users import check_name as check_name
-from pipeline.transport.users import hash_password as hash_password
-from pipeline.transport.users import load_users as load_users
-from pipeline.transport.users import parse_user_line as parse_user_line
-from pipeline.transport.users import verify_password as verify_password
-from pipeline.transport.users import verify_user as verify_user
+from pipeline.transport.users import CredentialsError, check_name, write_private
 
 log = logging.getLogger("stripinspect.bridge.certs")
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from pipeline.bridge.model import PlantDefect
 from pipeline.errors import StripinspectError
+from pipeline.transport.journal import open_wal
 
 _SCHEMA = 1
 
@@ -37,10 +38,7 @@ class BridgeJournal:
         self.keep = keep
         self._lock = threading.Lock()
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute(f"PRAGMA synchronous={synchronous}")
+            self._db = open_wal(self.path, synchronous=synchronous)
             self._db.executescript(
                 """
                 CREATE TABLE IF NOT EXISTS defects (bridge_seq INTEGER PRIMARY KEY, body TEXT NOT NULL);
@@ -57,7 +55,7 @@ class BridgeJournal:
             # The last number ever given, apart from the rows, so pruning never reuses one.
             row = self._db.execute("SELECT value FROM meta WHERE key = 'last_seq'").fetchone()
             self.last_seq = int(row[0]) if row is not None else 0
-        except sqlite3.Error as err:
+        except (OSError, sqlite3.Error) as err:
             raise BridgeJournalError(f"cannot open bridge journal {self.path}: {err}") from None
         self._adds = 0
 

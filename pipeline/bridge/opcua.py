@@ -8,7 +8,7 @@ flat fields a PLC can take without decoding structures. docs/plant_opcua.md is t
 Pure core first (state mapping, result fields, argument checks), then the server (``OpcUaSink``).
 The server offers Basic256Sha256 SignAndEncrypt only, plus None when ``allow_insecure``; clients
 prove themselves twice: their certificate must be in ``trusted/`` and their user and password in
-the users file (``pipeline.bridge.certs``).
+the users file (``pipeline.transport.users``).
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from pipeline.bridge.model import CameraStatus, CommandResult, LineStatus, Plant
 from pipeline.config import OpcUaConfig
 from pipeline.errors import StripinspectError
 from pipeline.process import RateLimitedLog
+from pipeline.transport.users import UserRecord, load_users, verify_password
 
 log = logging.getLogger("stripinspect.bridge.opcua")
 
@@ -187,12 +188,12 @@ def check_config(cfg: OpcUaConfig) -> None:
     if cfg.certs_dir is None and not cfg.allow_insecure:
         raise OpcUaError(
             "opcua.certs_dir is not set and opcua.allow_insecure is false: make certificates with "
-            "`stripinspect keys --opcua DIR --client NAME` (or allow_insecure on a test bench)"
+            "`stripinspect keys --opcua --out DIR --clients NAME` (or allow_insecure on a test bench)"
         )
     if cfg.users_file is None and not cfg.allow_anonymous:
         raise OpcUaError(
             "opcua.users_file is not set and opcua.allow_anonymous is false: nobody could log in "
-            "(add users with `stripinspect keys --opcua-user FILE NAME`)"
+            "(add users with `stripinspect keys --opcua-user NAME --users-file FILE`)"
         )
 
 
@@ -226,7 +227,7 @@ class SessionGate(UserManager):
         self._require_certificate = require_certificate
         self._on_refused = on_refused
         self._on_accepted = on_accepted
-        self._users: dict[str, certs.UserRecord] = {}
+        self._users: dict[str, UserRecord] = {}
         self._users_mtime: int | None = None
         if users_file is not None:
             self._reload()
@@ -235,10 +236,10 @@ class SessionGate(UserManager):
         assert self._users_file is not None
         mtime = self._users_file.stat().st_mtime_ns
         if mtime != self._users_mtime:
-            self._users = certs.load_users(self._users_file)
+            self._users = load_users(self._users_file)
             self._users_mtime = mtime
 
-    def _current_users(self) -> dict[str, certs.UserRecord]:
+    def _current_users(self) -> dict[str, UserRecord]:
         """The users file as it is now: users added while the bridge runs can log in."""
         if self._users_file is not None:
             try:
@@ -276,7 +277,7 @@ class SessionGate(UserManager):
             self._on_accepted()
             return User(role=UserRole.User)
         secret = password.decode("utf-8", "replace") if isinstance(password, bytes) else (password or "")
-        if not certs.verify_password(self._current_users().get(username), secret):
+        if not verify_password(self._current_users().get(username), secret):
             self._on_refused(f"login:{username}", f"user {username!r}: wrong user name or password")
             return None
         self._on_accepted()
@@ -437,11 +438,11 @@ class OpcUaSink:
         if cfg.users_file is not None and not Path(cfg.users_file).is_file():
             raise OpcUaError(
                 f"opcua users file not found: {cfg.users_file} "
-                "(make it with `stripinspect keys --opcua-user FILE NAME`)"
+                "(make it with `stripinspect keys --opcua-user NAME --users-file FILE`)"
             )
         if cfg.users_file is not None:
             try:
-                users = certs.load_users(Path(cfg.users_file))
+                users = load_users(Path(cfg.users_file))
             except certs.CertsError as err:
                 raise OpcUaError(f"opcua: {err}") from None
             if not users and not cfg.allow_anonymous:

@@ -38,6 +38,7 @@ from typing import Any
 
 from pipeline.coil.model import CoilDefect, CoilInfo, Grading, PeriodicFamily, RuleOutcome, Uninspected
 from pipeline.errors import StripinspectError
+from pipeline.transport.journal import open_wal
 
 _SCHEMA = 1
 SIDES = ("top", "bottom")
@@ -246,13 +247,10 @@ class CoilRecords:
         self._lock = threading.Lock()
         self._closed = False
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+            self._db = open_wal(self.path, synchronous=synchronous)
         except (OSError, sqlite3.Error) as err:
             raise RecordsError(f"cannot open coil records {self.path}: {err}") from None
         try:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute(f"PRAGMA synchronous={synchronous}")
             # Deleting a coil deletes its defects, stretches and results with it.
             self._db.execute("PRAGMA foreign_keys=ON")
             with self._write("create the tables"):

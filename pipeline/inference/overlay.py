@@ -136,6 +136,16 @@ class Overlay:
             rows[e.id] = a
         self.entries, self._rows, self.version = entries, rows, version
 
+    def _disk_version(self) -> int:
+        """The version ``overlay.json`` holds now (0 when there is none yet)."""
+        path = self.folder / INDEX_FILE
+        if not path.exists():
+            return 0
+        try:
+            return int(json.loads(path.read_text(encoding="utf-8"))["version"])
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise OverlayError(f"{path}: unreadable overlay: {err}") from None
+
     def normal_rows(self) -> np.ndarray:
         """Every active false-alarm row, float32 (n, dim) (n may be 0)."""
         parts = [self._rows[e.id] for e in self.entries if e.active and e.kind == "normal"]
@@ -181,8 +191,8 @@ class Overlay:
             raise OverlayError(f"cannot write overlay {self.folder}: {err}") from None
         with lock:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-            if (self.folder / INDEX_FILE).exists():
-                self._load()
+            if self._disk_version() != self.version:
+                self._load()  # another daemon changed it: every file read and checked again
             yield
 
     def add(

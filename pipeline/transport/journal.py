@@ -22,6 +22,23 @@ from pipeline.errors import StripinspectError
 _SCHEMA = 1
 
 
+def open_wal(path: Path, *, synchronous: str) -> sqlite3.Connection:
+    """The SQLite connection every durable store of the product uses (the alert journal, the
+    bridge journal, the coil records): WAL, so readers never wait for the writer and a crash
+    loses no committed row; ``synchronous`` FULL also survives a power cut, NORMAL only a crash of
+    the process. One connection shared by the store's threads under the store's own lock,
+    autocommit (transactions are explicit). Raises OSError or sqlite3.Error."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute(f"PRAGMA synchronous={synchronous}")
+    except sqlite3.Error:
+        db.close()
+        raise
+    return db
+
+
 class JournalError(StripinspectError):
     """The journal cannot be opened or written; one line."""
 
@@ -39,11 +56,8 @@ class AlertJournal:
         self.max_age_s = max_age_s
         self._lock = threading.Lock()
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
             # FULL: a committed alert survives a power cut, not only a crash of this process.
-            self._db.execute(f"PRAGMA synchronous={synchronous}")
+            self._db = open_wal(self.path, synchronous=synchronous)
             self._db.execute(
                 "CREATE TABLE IF NOT EXISTS alerts (seq INTEGER PRIMARY KEY, time REAL NOT NULL, header TEXT NOT NULL)"
             )
@@ -63,7 +77,7 @@ class AlertJournal:
                 row = (uuid.uuid4().hex,)
                 self._db.execute("INSERT INTO meta VALUES ('journal_id', ?)", row)
             self.journal_id = str(row[0])
-        except sqlite3.Error as err:
+        except (OSError, sqlite3.Error) as err:
             raise JournalError(f"cannot open alert journal {self.path}: {err}") from None
         self._appends = 0
 

@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 from pipeline.errors import StripinspectError
 from pipeline.process import RateLimitedLog
 from pipeline.transport.users import (
+    ROLES,
     CredentialsError,
     TokenRecord,
     UserRecord,
@@ -40,7 +41,6 @@ from pipeline.transport.users import (
 )
 
 log = logging.getLogger("stripinspect.ui")
-ROLES = ("viewer", "operator")
 SECRET_BYTES = 32
 
 

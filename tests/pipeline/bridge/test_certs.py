@@ -12,6 +12,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from pipeline.bridge import certs
+from pipeline.transport import users as userfile
 
 
 @pytest.fixture(scope="module")
@@ -71,46 +72,46 @@ def test_bad_client_names_are_refused(tmp_path: Path, name: str) -> None:
 
 def test_users_are_stored_as_scrypt_hashes_readable_by_the_owner_only(tmp_path: Path) -> None:
     users = tmp_path / "users"
-    certs.add_user(users, "op1", "correct horse")
-    certs.add_user(users, "op2", "battery staple")
+    userfile.add_user(users, "op1", "correct horse")
+    userfile.add_user(users, "op2", "battery staple")
     assert _mode(users) == 0o600
     text = users.read_text()
     assert "correct horse" not in text and "battery staple" not in text
-    assert certs.verify_user(users, "op1", "correct horse")
-    assert certs.verify_user(users, "op2", "battery staple")
-    assert not certs.verify_user(users, "op1", "battery staple")
-    assert not certs.verify_user(users, "nobody", "correct horse")
+    assert userfile.verify_user(users, "op1", "correct horse")
+    assert userfile.verify_user(users, "op2", "battery staple")
+    assert not userfile.verify_user(users, "op1", "battery staple")
+    assert not userfile.verify_user(users, "nobody", "correct horse")
     # Same password, different salt: equal hashes would tell who shares a password.
-    certs.add_user(users, "op3", "correct horse")
-    loaded = certs.load_users(users)
+    userfile.add_user(users, "op3", "correct horse")
+    loaded = userfile.load_users(users)
     assert loaded["op1"].digest != loaded["op3"].digest
 
 
 def test_adding_a_user_again_changes_the_password(tmp_path: Path) -> None:
     users = tmp_path / "users"
-    certs.add_user(users, "op", "first password")
-    certs.add_user(users, "op", "second password")
-    assert list(certs.load_users(users)) == ["op"]
-    assert certs.verify_user(users, "op", "second password")
-    assert not certs.verify_user(users, "op", "first password")
+    userfile.add_user(users, "op", "first password")
+    userfile.add_user(users, "op", "second password")
+    assert list(userfile.load_users(users)) == ["op"]
+    assert userfile.verify_user(users, "op", "second password")
+    assert not userfile.verify_user(users, "op", "first password")
 
 
 def test_short_passwords_and_bad_names_are_refused(tmp_path: Path) -> None:
     with pytest.raises(certs.CertsError, match="password"):
-        certs.add_user(tmp_path / "users", "op", "short")
+        userfile.add_user(tmp_path / "users", "op", "short")
     with pytest.raises(certs.CertsError, match="user"):
-        certs.add_user(tmp_path / "users", "op:x", "long enough")
+        userfile.add_user(tmp_path / "users", "op:x", "long enough")
     assert not (tmp_path / "users").exists()
 
 
 def test_a_damaged_users_file_names_the_line(tmp_path: Path) -> None:
     users = tmp_path / "users"
-    certs.add_user(users, "op", "correct horse")
+    userfile.add_user(users, "op", "correct horse")
     users.write_text(users.read_text() + "mallory:plain:secret\n")
     with pytest.raises(certs.CertsError, match=r"users:3: expected"):
-        certs.load_users(users)
-    line = certs.hash_password("op", "correct horse").line().split(":")
+        userfile.load_users(users)
+    line = userfile.hash_password("op", "correct horse").line().split(":")
     line[2] = str(2**30)  # a tampered cost would make every login allocate gigabytes
     users.write_text(":".join(line) + "\n")
     with pytest.raises(certs.CertsError, match="out of bounds"):
-        certs.load_users(users)
+        userfile.load_users(users)

@@ -37,6 +37,7 @@ from pipeline.bridge.opcua import (
     vision_state,
 )
 from pipeline.config import OpcUaConfig
+from pipeline.transport import users as userfile
 from tests.pipeline.bridge.conftest import RecordingCommands, free_port, make_defect, make_status
 
 PASSWORD = "correct horse battery"
@@ -57,7 +58,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     base = tmp_path_factory.mktemp("opcua")
     certs.create_opcua_keys(base / "pki", clients=["plc"])
     certs.create_opcua_keys(base / "elsewhere", clients=["mallory"])
-    certs.add_user(base / "users", "op", PASSWORD)
+    userfile.add_user(base / "users", "op", PASSWORD)
     foreign_cert, foreign_key = certs.client_files(base / "elsewhere", "mallory")
     return Pki(certs_dir=base / "pki", users=base / "users", foreign_cert=foreign_cert, foreign_key=foreign_key)
 

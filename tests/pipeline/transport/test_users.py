@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.bridge import certs
 from pipeline.transport import users as u
 
 
@@ -37,7 +36,7 @@ def test_a_line_without_a_role_is_an_operator(tmp_path: Path) -> None:
     path.write_text(old + "\n")
     loaded = u.load_users(path)
     assert loaded["plc"].role == "operator"
-    assert certs.verify_user(path, "plc", "long enough")
+    assert u.verify_user(path, "plc", "long enough")
 
 
 def test_an_unknown_role_is_refused_with_its_line(tmp_path: Path) -> None:
@@ -47,12 +46,6 @@ def test_an_unknown_role_is_refused_with_its_line(tmp_path: Path) -> None:
         u.load_users(path)
     with pytest.raises(u.CredentialsError, match="role 'root'"):
         u.add_user(path, "x2", "long enough", role="root")
-
-
-def test_certs_reexports_the_shared_users_code() -> None:
-    # The bridge's OPC UA server and the station read one format with one parser.
-    assert certs.load_users is u.load_users and certs.verify_password is u.verify_password
-    assert certs.CertsError is u.CredentialsError
 
 
 def test_tokens_are_stored_as_hashes_with_their_role(tmp_path: Path) -> None:
